@@ -1,0 +1,61 @@
+"""Frozen vision towers from transformers, behind the VisionEncoder interface (DESIGN §4).
+
+- `Blip2VisionTower`: BLIP-2's EVA ViT in transformers' layout (`Blip2VisionModel`); its own
+  `post_layernorm` is BLIP-2's `ln_vision` (REFERENCE §1), so published checkpoints load unchanged.
+- `HFVisionTower`: any other transformers vision model with hidden states (CLIP, SigLIP, ...); features are
+  the hidden state `feature_layer` (-2 for CLIP ViT-L, REFERENCE §4) followed by our trainable LayerNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, Blip2VisionConfig, CLIPVisionModel, SiglipVisionModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2VisionModel
+
+
+class Blip2VisionTower(nn.Module):
+    trainable_prefixes = ("post_layernorm",)
+
+    def __init__(self, hf_config: dict[str, Any]):
+        super().__init__()
+        config = Blip2VisionConfig(**hf_config)
+        model = Blip2VisionModel(config)
+        # Keep transformers' submodules (and so its parameter names) but not its output plumbing.
+        self.embeddings = model.embeddings
+        self.encoder = model.encoder
+        self.post_layernorm = model.post_layernorm
+        self.width = config.hidden_size
+        self.image_size = config.image_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixel_values)  # (B, 1 + (S/p)^2, D)
+        x = self.encoder(inputs_embeds=x).last_hidden_state
+        return self.post_layernorm(x)
+
+
+_TOWERS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
+
+
+class HFVisionTower(nn.Module):
+    trainable_prefixes = ("post_layernorm",)
+
+    def __init__(self, kind: str, hf_config: dict[str, Any], feature_layer: int = -1, pretrained: str | None = None):
+        super().__init__()
+        cls = _TOWERS.get(kind, AutoModel)
+        if pretrained is not None:
+            self.tower = cls.from_pretrained(pretrained)
+        else:
+            config = AutoConfig.for_model(**hf_config)
+            self.tower = cls(config) if cls is not AutoModel else AutoModel.from_config(config)
+        cfg = self.tower.config
+        self.width = int(cfg.hidden_size)
+        self.image_size = int(cfg.image_size)
+        self.feature_layer = feature_layer
+        self.post_layernorm = nn.LayerNorm(self.width, eps=1e-5)  # LAVIS ln_vision eps (REFERENCE §1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
+        return self.post_layernorm(out.hidden_states[self.feature_layer])  # (B, N, D)
