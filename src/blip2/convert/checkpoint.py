@@ -1,0 +1,200 @@
+"""Load and save BLIP-2 checkpoints in transformers' folder layout (REFERENCE §8).
+
+A folder holds config.json (+ our "blip2" block), model.safetensors (or shards with an index), the LLM
+tokenizer (or, for retrieval models, the Q-Former's BERT tokenizer), `qformer_tokenizer/` when a model
+needs both, and preprocessor_config.json. Frozen parts that come from a package or the hub
+(`pretrained` in their config) are not stored: only the trainable weights and a reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from blip2.convert.hf import config_from_hf, config_to_hf, image_config_to_preprocessor
+from blip2.models.blip2 import Blip2Model
+from blip2.models.config import Blip2Config
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# Buffers some writers store; ours are recomputed (REFERENCE §8: the expected unexpected keys).
+IGNORED_KEYS = ("qformer.embeddings.position_ids", "embeddings.position_ids")
+# Present in our stage-1 checkpoints, absent from transformers' retrieval ones: defaults are fine.
+OPTIONAL_KEYS = {"temp": 0.07}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model: the message names the missing or unexpected keys."""
+
+
+def _short(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local folder, or a hub name fetched (or found in the cache) with huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: it is not a BLIP-2 checkpoint folder")
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; give a checkpoint folder (use `blip2 convert` for LAVIS .pth files)")
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint folder at {name!r} and it is not a hub name like 'Salesforce/blip2-opt-2.7b'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "qformer_tokenizer/*"]
+        )
+    except Exception as err:  # offline, unknown repo, no permission: one clear sentence for the user
+        raise FileNotFoundError(
+            f"could not get {name!r} from the Hugging Face hub or its local cache ({type(err).__name__}); "
+            "check the name, your network, or pass a local folder"
+        ) from None
+    return Path(folder)
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    files = [folder / WEIGHTS]
+    if (folder / WEIGHTS_INDEX).exists():
+        index = json.loads((folder / WEIGHTS_INDEX).read_text())
+        files = sorted({folder / f for f in index["weight_map"].values()})
+    elif not files[0].exists():
+        found = ", ".join(sorted(p.name for p in folder.glob("*.bin"))) or "none"
+        raise CheckpointError(f"{folder} has no {WEIGHTS} (pytorch .bin files found: {found}; we only read safetensors)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def stored_keys(model: Blip2Model) -> list[str]:
+    """The state-dict keys a checkpoint of this model holds: frozen parts with an external source are left
+    out, but their trainable pieces (the vision post-LN) stay."""
+    cfg = model.config
+    skip: list[str] = []
+    if cfg.vision.pretrained is not None or cfg.vision.kind == "efficientnet_lite0":
+        skip.append("vision_model.")
+    if cfg.language is not None and cfg.language.pretrained is not None:
+        skip.append("language_model.")
+    keep = model.trainable_prefixes()
+    keys = []
+    for key in model.state_dict():
+        if key.startswith(tuple(skip)) and not key.startswith(keep):
+            continue
+        keys.append(key)
+    return keys
+
+
+def build_model(cfg: Blip2Config, state: dict[str, torch.Tensor]) -> Blip2Model:
+    """Build the model without allocating its weights, fetch the frozen parts that live elsewhere, then
+    take every other tensor from `state`, strictly."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = Blip2Model(cfg)
+    if cfg.vision.pretrained is not None or cfg.vision.kind == "efficientnet_lite0":
+        from blip2.models.vision import build_vision_encoder
+
+        model.vision_model = build_vision_encoder(cfg.vision, load_pretrained=True)
+    if cfg.language is not None and cfg.language.pretrained is not None:
+        from blip2.models.language import load_pretrained_language_model
+
+        model.language_model = load_pretrained_language_model(cfg.language)
+
+    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
+    expected = set(stored_keys(model))
+    unexpected = set(state) - set(model.state_dict())
+    if unexpected:
+        raise CheckpointError(f"checkpoint has keys this model does not: {_short(unexpected)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "language_model"):
+        model.language_model.tie_weights()
+    for key, value in OPTIONAL_KEYS.items():
+        if key in expected and key not in state:
+            setattr(model, key, torch.nn.Parameter(torch.tensor(value)))
+    missing = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks keys this model needs: {_short(missing)}")
+    model.freeze_frozen_parts()
+    return model.eval()
+
+
+def cast(model: Blip2Model, dtype: torch.dtype | None) -> Blip2Model:
+    """Frozen towers and the projection in `dtype`; the Q-Former and its queries stay in float32, as in
+    transformers (`_keep_in_fp32_modules`) and LAVIS (half-precision frozen parts, REFERENCE §3)."""
+    if dtype is None or dtype == torch.float32:
+        return model.float()
+    for name in ("vision_model", "language_model", "language_projection"):
+        if hasattr(model, name):
+            getattr(model, name).to(dtype)
+    return model
+
+
+def load_model(
+    name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[Blip2Model, Path]:
+    folder = resolve(name_or_path)
+    hf_config = json.loads((folder / "config.json").read_text())
+    pre_file = folder / "preprocessor_config.json"
+    preprocessor = json.loads(pre_file.read_text()) if pre_file.exists() else None
+    try:
+        cfg = config_from_hf(hf_config, preprocessor)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}/config.json is not a BLIP-2 config we can read: {err}") from None
+    model = build_model(cfg, read_state_dict(folder))
+    model = cast(model, dtype)
+    if device is not None:
+        model.to(device)
+    return model, folder
+
+
+def save_model(model: Blip2Model, folder: str | os.PathLike, tokenizer=None, qformer_tokenizer=None) -> Path:
+    """Write `folder` in transformers' layout. With a BLIP-2 EVA tower and an inline LLM the result loads in
+    `transformers` (Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval) as well as in ours."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True))
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_config_to_preprocessor(cfg.vision.image), indent=2))
+    state = model.state_dict()
+    tensors = {k: state[k].detach().contiguous().cpu() for k in stored_keys(model)}
+    if hasattr(model, "language_model") and getattr(model.language_model.config, "tie_word_embeddings", False):
+        # Tied weights are stored once, as transformers does.
+        out = model.language_model.get_output_embeddings()
+        if out is not None and out.weight is model.language_model.get_input_embeddings().weight:
+            for key in [k for k in tensors if k.startswith("language_model.") and k.endswith("lm_head.weight")]:
+                del tensors[key]
+    _dedupe_shared(tensors)
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / WEIGHTS)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    if qformer_tokenizer is not None:
+        target = folder if tokenizer is None else folder / "qformer_tokenizer"
+        qformer_tokenizer.save_pretrained(str(target))
+    return folder
+
+
+def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors refuses tensors sharing memory: copy any that still do."""
+    seen: dict[int, str] = {}
+    for key, t in list(tensors.items()):
+        ptr = t.data_ptr()
+        if ptr in seen and t.numel() > 0:
+            tensors[key] = t.clone()
+        seen[ptr] = key

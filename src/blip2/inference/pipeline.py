@@ -1,0 +1,368 @@
+"""`blip2.load(...)` returns a `Blip2`: the object users call to caption, ask, chat, match and retrieve.
+
+Every image is encoded once per call, whatever the number of questions or texts asked about it
+(DESIGN §2); chat sessions keep the image's soft prompt for the whole conversation.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from blip2.convert.checkpoint import load_model
+from blip2.data.images import ImageInput, ImageProcessor
+from blip2.data.text import (
+    QFORMER_MAX_TEXT,
+    chat_prompt,
+    tokenize_prompts,
+    tokenize_qformer,
+    vqa_template,
+)
+from blip2.models.blip2 import Blip2Model
+
+# REFERENCE §6: captions with 5 beams; VQA with 5 beams, at most 10 new tokens, length penalty -1.
+CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1, "length_penalty": 1.0}
+VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
+RETRIEVAL_K = 128  # REFERENCE §6: k_test
+
+
+def _as_list(x: Any) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass
+class Match:
+    """One retrieval hit: the index of the image in the list searched, and its score."""
+
+    index: int
+    score: float
+    itc: float
+
+
+class Blip2:
+    """A loaded BLIP-2 model with its tokenizers and image processor."""
+
+    def __init__(
+        self,
+        model: Blip2Model,
+        tokenizer=None,
+        qformer_tokenizer=None,
+        batch_size: int = 8,
+        progress: bool | None = None,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        self.images = ImageProcessor(model.config.vision.image)
+        self.batch_size = batch_size
+        self.progress = progress
+        if tokenizer is not None and tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.query_tokens.device
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        lang = self.model.config.language
+        return bool(lang and lang.is_encoder_decoder)
+
+    def _bar(self, total: int, desc: str):
+        show = self.progress if self.progress is not None else total > 4 * self.batch_size
+        return tqdm(total=total, desc=desc, unit="img", disable=not show, leave=False)
+
+    def _pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        dtype = next(self.model.vision_model.parameters()).dtype
+        return self.images(list(images)).to(self.device, dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Frozen image features (B, N, Dv), computed in batches."""
+        out = []
+        with self._bar(len(images), "encoding images") as bar:
+            for chunk in _chunks(images, self.batch_size):
+                out.append(self.model.encode_image(self._pixels(chunk)))
+                bar.update(len(chunk))
+        return torch.cat(out)
+
+    def _need_llm(self) -> None:
+        if self.tokenizer is None or not hasattr(self.model, "language_model"):
+            raise ValueError("this model has no language model: caption/ask/chat need a stage-2 checkpoint")
+
+    def _need_qformer_text(self) -> None:
+        if self.qformer_tokenizer is None or not self.model.config.stage1_heads:
+            raise ValueError(
+                "this model has no image-text matching heads: itm/similarity/retrieve need a stage-1 or "
+                "retrieval checkpoint (e.g. Salesforce/blip2-itm-vit-g)"
+            )
+
+    def _generation(self, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        gen = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        if gen.get("do_sample") is False or gen.get("num_beams", 1) == 1:
+            gen.pop("length_penalty", None)  # only beam search reads it
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
+            gen.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return gen
+
+    def _decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def _generate(self, soft_prompts: torch.Tensor, prompts: list[str], gen: dict[str, Any]) -> list[str]:
+        tokens = tokenize_prompts(self.tokenizer, prompts, left_pad=not self.is_encoder_decoder)
+        ids = self.model.generate(
+            input_ids=tokens.input_ids.to(self.device),
+            attention_mask=tokens.attention_mask.to(self.device),
+            soft_prompt=soft_prompts,
+            **gen,
+        )
+        return self._decode(ids)
+
+    @torch.no_grad()
+    def _soft_prompts(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return self.model.soft_prompt(self.encode_images(images))  # (B, Q, H)
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def caption(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, **generation: Any) -> list[str]:
+        """One caption per image; with `prompt` ("a photo of"), the LLM continues it."""
+        self._need_llm()
+        images = _as_list(images)
+        gen = self._generation(CAPTION_DEFAULTS, generation)
+        out: list[str] = []
+        for chunk in _chunks(images, self.batch_size):
+            out += self._generate(self._soft_prompts(chunk), [prompt or ""] * len(chunk), gen)
+        return out
+
+    def ask(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        questions: str | Sequence[str],
+        template: str | None = None,
+        **generation: Any,
+    ) -> list[str]:
+        """Answers. One image with many questions encodes the image once; otherwise images and questions pair
+        up one to one. `template` defaults to the LLM family's ("Question: {} Answer:" / "... Short answer:")."""
+        self._need_llm()
+        images, questions = _as_list(images), _as_list(questions)
+        if len(images) != 1 and len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images and {len(questions)} questions: give one image, or one per question")
+        template = template or vqa_template(self.is_encoder_decoder)
+        gen = self._generation(VQA_DEFAULTS, generation)
+        prompts = [template.format(q) for q in questions]
+        if len(images) == 1:
+            soft = self._soft_prompts(images)
+            return [
+                a
+                for chunk in _chunks(prompts, self.batch_size)
+                for a in self._generate(soft.expand(len(chunk), -1, -1), list(chunk), gen)
+            ]
+        out: list[str] = []
+        for start in range(0, len(images), self.batch_size):
+            stop = start + self.batch_size
+            out += self._generate(self._soft_prompts(images[start:stop]), prompts[start:stop], gen)
+        return out
+
+    def chat(self, image: ImageInput, **generation: Any) -> ChatSession:
+        """A conversation about one image; the image is encoded here, once."""
+        self._need_llm()
+        return ChatSession(self, self._soft_prompts([image]), self._generation(VQA_DEFAULTS, generation))
+
+    # -- matching and retrieval ---------------------------------------------------------------------------
+    def _qformer_text(self, texts: Sequence[str]):
+        tokens = tokenize_qformer(self.qformer_tokenizer, list(texts), QFORMER_MAX_TEXT)
+        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+
+    @torch.no_grad()
+    def itm(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> list[float]:
+        """Probability that each (image, text) pair matches (softmax of the ITM head). One image with many
+        texts, many images with one text, or pairs one to one."""
+        self._need_qformer_text()
+        images, texts = _as_list(images), _as_list(texts)
+        feats = self.encode_images(images)
+        if len(images) == 1:
+            feats = feats.expand(len(texts), -1, -1)
+        elif len(texts) == 1:
+            texts = texts * len(images)
+        elif len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images and {len(texts)} texts: give one of either, or equal numbers")
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            ids, mask = self._qformer_text(texts[start : start + self.batch_size])
+            logits = self.model.itm_logits(feats[start : start + self.batch_size], ids, mask)
+            out += logits.float().softmax(-1)[:, 1].tolist()
+        return out
+
+    @torch.no_grad()
+    def _image_itc(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [self.model.image_itc_features(self.model.query(f).hidden) for f in feats.split(self.batch_size)]
+        )  # (Bi, Q, E)
+
+    @torch.no_grad()
+    def _text_itc(self, texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for chunk in _chunks(list(texts), self.batch_size * 8):
+            ids, mask = self._qformer_text(chunk)
+            out.append(self.model.text_itc_features(self.model.encode_text(ids, mask)))
+        return torch.cat(out)  # (Bt, E)
+
+    @torch.no_grad()
+    def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> torch.Tensor:
+        """ITC scores (n_images, n_texts): cosine of the best query (REFERENCE §6), no temperature."""
+        self._need_qformer_text()
+        from blip2.models.losses import max_over_queries
+
+        image = self._image_itc(self.encode_images(_as_list(images)))
+        return max_over_queries(image, self._text_itc(_as_list(texts))).float().cpu()
+
+    @torch.no_grad()
+    def retrieve(
+        self, texts: str | Sequence[str], images: Sequence[ImageInput], k: int = 10, rerank: int = RETRIEVAL_K
+    ) -> list[list[Match]]:
+        """For each text, the best `k` images: ITC top-`rerank`, then re-scored by ITM logit + ITC cosine
+        (REFERENCE §6). Accepts precomputed image features (a tensor from `encode_images`) as `images`."""
+        self._need_qformer_text()
+        from blip2.models.losses import max_over_queries
+
+        feats = images if isinstance(images, torch.Tensor) else self.encode_images(list(images))
+        texts = _as_list(texts)
+        itc = max_over_queries(self._image_itc(feats), self._text_itc(texts)).t()  # (Bt, Bi)
+        top = min(rerank, feats.shape[0])
+        results: list[list[Match]] = []
+        for t, text in enumerate(texts):
+            scores, idx = itc[t].topk(top)
+            ids, mask = self._qformer_text([text])
+            itm = torch.cat(
+                [
+                    self.model.itm_logits(feats[chunk], ids.expand(len(chunk), -1), mask.expand(len(chunk), -1))[:, 1]
+                    for chunk in idx.split(self.batch_size)
+                ]
+            )
+            final = itm.float() + scores.float()
+            order = final.argsort(descending=True)[:k]
+            results.append([Match(int(idx[i]), float(final[i]), float(scores[i])) for i in order])
+        return results
+
+    @torch.no_grad()
+    def features(
+        self,
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        texts: str | Sequence[str] | None = None,
+        mode: str = "image",
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings. mode "image": query outputs (B, Q, D) [+ normalised ITC features (B, Q, E)];
+        "text": Q-Former text states (B, T, D) + [CLS] ITC feature (B, E); "multimodal": query outputs
+        after reading both the image and the text (the ITM pass) (B, Q, D)."""
+        if mode == "image":
+            if images is None:
+                raise ValueError("mode='image' needs images")
+            hidden = self.model.query(self.encode_images(_as_list(images))).hidden
+            out = {"image_embeds": hidden}
+            if self.model.config.stage1_heads:
+                out["image_features"] = self.model.image_itc_features(hidden)
+            return out
+        self._need_qformer_text()
+        if texts is None:
+            raise ValueError(f"mode={mode!r} needs texts")
+        ids, mask = self._qformer_text(_as_list(texts))
+        if mode == "text":
+            hidden = self.model.encode_text(ids, mask)
+            return {"text_embeds": hidden, "text_features": self.model.text_itc_features(hidden)}
+        if mode == "multimodal":
+            if images is None:
+                raise ValueError("mode='multimodal' needs images")
+            from blip2.nn import masks
+
+            feats = self.encode_images(_as_list(images))
+            queries = self.model.query_tokens.expand(feats.shape[0], -1, -1)
+            embeds = torch.cat([queries, self.model.embeddings(ids).to(queries.dtype)], dim=1)
+            m = masks.bidirectional_mask(self.model.num_queries, mask, embeds.dtype)
+            hidden, _ = self.model.qformer(embeds, self.model.num_queries, image=feats, mask=m)
+            return {"multimodal_embeds": hidden[:, : self.model.num_queries]}
+        raise ValueError(f"unknown mode {mode!r} (image, text, multimodal)")
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation about one image. The image's soft prompt is computed once; when the
+    history outgrows the LLM's context, the oldest turns are dropped (never the image) and a warning says so."""
+
+    owner: Blip2
+    soft_prompt: torch.Tensor  # (1, Q, H)
+    generation: dict[str, Any]
+    history: list[tuple[str, str]] = field(default_factory=list)
+    dropped_turns: int = 0
+
+    def _context_limit(self) -> int:
+        cfg = self.owner.model.language_model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        return int(limit) - self.soft_prompt.shape[1] - int(self.generation.get("max_new_tokens", 10))
+
+    def _fit(self, question: str) -> str:
+        tokenizer = self.owner.tokenizer
+        limit = self._context_limit()
+        while True:
+            prompt = chat_prompt(self.history, question)
+            if len(tokenizer(prompt)["input_ids"]) <= limit:
+                return prompt
+            if not self.history:
+                raise ValueError(f"the question alone is longer than the model's context ({limit} tokens left)")
+            self.history.pop(0)
+            self.dropped_turns += 1
+            warnings.warn(
+                f"chat context full: dropped the oldest turn ({self.dropped_turns} dropped so far); the image is kept",
+                stacklevel=3,
+            )
+
+    def ask(self, question: str) -> str:
+        prompt = self._fit(question)
+        answer = self.owner._generate(self.soft_prompt, [prompt], self.generation)[0]
+        self.history.append((question, answer))
+        return answer
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")):
+        return None
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    batch_size: int = 8,
+) -> Blip2:
+    """Load a BLIP-2 checkpoint: a local folder, a hub name (Salesforce/blip2-opt-2.7b), or "default"."""
+    from blip2.inference.registry import resolve_name
+
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    model, folder = load_model(resolve_name(name_or_path), device=device, dtype=dtype)
+    tokenizer = _load_tokenizer(folder)
+    qformer_tokenizer = None
+    if (folder / "qformer_tokenizer").is_dir():
+        qformer_tokenizer = _load_tokenizer(folder / "qformer_tokenizer")
+    elif model.config.language is None:
+        tokenizer, qformer_tokenizer = None, tokenizer  # retrieval checkpoints ship the BERT tokenizer
+    return Blip2(model, tokenizer, qformer_tokenizer, batch_size=batch_size)

@@ -1,0 +1,17 @@
+"""Model names users can pass to `blip2.load` besides folders and hub names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The embedded default model ships inside the package (trainable weights + references to packaged parts).
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "default"
+
+
+def resolve_name(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    if str(name_or_path) == "default":
+        if not (DEFAULT_DIR / "config.json").exists():
+            raise FileNotFoundError("the default model is not bundled in this install (src/blip2/default is empty)")
+        return DEFAULT_DIR
+    return name_or_path
