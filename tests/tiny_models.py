@@ -160,3 +160,23 @@ def images(n: int, seed: int = 0, size: int = 40) -> list[Image.Image]:
         arr = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
         out.append(Image.fromarray(arr))
     return out
+
+
+def our_config(language: str | None = None, num_queries: int = 4, cross_freq: int = 2, layers: int = 2):
+    """Our own typed config of a tiny model: stage 1 (language=None, all stage-1 heads) or stage 2."""
+    from blip2.models.config import Blip2Config as Ours, LanguageConfig, QFormerConfig, VisionConfig
+    from blip2.models.config import ImageConfig
+
+    return Ours(
+        vision=VisionConfig(kind="blip2", hf_config=vision_config().to_dict(), image=ImageConfig(size=IMAGE_SIZE)),
+        qformer=QFormerConfig(
+            hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37, vocab_size=VOCAB,
+            encoder_hidden_size=32, cross_attention_frequency=cross_freq, max_position_embeddings=64,
+            use_text_input=language is None,
+        ),
+        language=LanguageConfig(hf_config=text_config(language).to_dict()) if language else None,
+        num_query_tokens=num_queries,
+        image_text_hidden_size=16,
+        stage1_heads=language is None,
+        itg_head=language is None,
+    )

@@ -182,6 +182,9 @@ def save_model(model: Blip2Model, folder: str | os.PathLike, tokenizer=None, qfo
     tmp = folder / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / WEIGHTS)
+    if cfg.language is not None:
+        processor = {"processor_class": "Blip2Processor", "num_query_tokens": cfg.num_query_tokens}
+        (folder / "processor_config.json").write_text(json.dumps(processor, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     if qformer_tokenizer is not None:

@@ -1,0 +1,228 @@
+"""Loss and mask semantics of stage 1 and stage 2 (REFERENCE §2, §3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import tiny_models as tm
+
+from blip2.models import losses
+from blip2.models.blip2 import Blip2Model
+from blip2.nn import masks
+
+
+@pytest.fixture(scope="module")
+def stage1() -> Blip2Model:
+    torch.manual_seed(0)
+    model = Blip2Model(tm.our_config(None, num_queries=4, cross_freq=1))
+    tm._randomize(model, 1)
+    with torch.no_grad():
+        model.temp.fill_(0.07)
+    return model.eval()
+
+
+def _text(batch: int = 3, length: int = 7, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, tm.VOCAB, (batch, length), generator=gen)
+    ids[:, 0] = 2  # [CLS]
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # some padding
+    ids[0, -2:] = 0
+    return ids, mask
+
+
+def test_itc_equals_hand_computation():
+    gen = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(3, 4, 5, generator=gen), dim=-1)
+    txt = F.normalize(torch.randn(3, 5, generator=gen), dim=-1)
+    temp = torch.tensor(0.07)
+    loss, sim_i2t, sim_t2i = losses.itc_loss(img, txt, temp)
+
+    sim = torch.empty(3, 3)
+    for i in range(3):
+        for j in range(3):
+            sim[i, j] = max(float(img[i, q] @ txt[j]) for q in range(4)) / 0.07
+
+    def smoothed_ce(logits: torch.Tensor) -> float:
+        total = 0.0
+        for i in range(3):
+            logp = logits[i].log_softmax(0)
+            total += -(0.9 * logp[i] + 0.1 * logp.mean())  # label smoothing 0.1 over 3 classes
+        return total / 3
+
+    expected = (smoothed_ce(sim) + smoothed_ce(sim.t())) / 2
+    assert torch.allclose(sim_i2t, sim, atol=1e-5)
+    assert torch.allclose(sim_t2i, sim.t(), atol=1e-5)
+    assert math.isclose(float(loss), expected, rel_tol=1e-5)
+
+
+def test_itc_soft_targets_equal_label_smoothing_with_unique_ids():
+    gen = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(4, 3, 5, generator=gen), dim=-1)
+    txt = F.normalize(torch.randn(4, 5, generator=gen), dim=-1)
+    hard, _, _ = losses.itc_loss(img, txt, torch.tensor(0.1))
+    soft, _, _ = losses.itc_loss(img, txt, torch.tensor(0.1), image_ids=torch.arange(4))
+    assert torch.allclose(hard, soft, atol=1e-6)
+
+
+def test_hard_negatives_are_never_the_positive():
+    gen = torch.Generator().manual_seed(0)
+    # Positives get by far the highest similarity: a sampler that ignored the mask would pick them.
+    sim = torch.randn(5, 5, generator=gen) + torch.eye(5) * 50
+    positives = losses.positive_mask(5, 5, 0, device="cpu")
+    for _ in range(200):
+        neg = losses.sample_hard_negatives(sim, positives, gen)
+        assert not bool((neg == torch.arange(5)).any())
+    # With image ids, every item of the same image is a positive too.
+    ids = torch.tensor([0, 0, 1, 1, 2])
+    positives = losses.positive_mask(5, 5, 0, ids, ids, "cpu")
+    for _ in range(200):
+        neg = losses.sample_hard_negatives(sim, positives, gen)
+        assert not bool((ids[neg] == ids).any())
+
+
+def test_hard_negatives_need_two_images():
+    with pytest.raises(ValueError, match="at least two different images"):
+        losses.sample_hard_negatives(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_temperature_is_learnable_and_unclamped(stage1):
+    assert isinstance(stage1.temp, torch.nn.Parameter) and stage1.temp.requires_grad
+    assert math.isclose(float(Blip2Model(tm.our_config(None)).temp), 0.07, rel_tol=1e-6)
+    img = F.normalize(torch.randn(2, 3, 4), dim=-1)
+    txt = F.normalize(torch.randn(2, 4), dim=-1)
+    temp = torch.nn.Parameter(torch.tensor(1e-4))  # far below LAVIS BLIP-1's clamp at 0.001: used as is
+    loss, sim, _ = losses.itc_loss(img, txt, temp)
+    loss.backward()
+    assert temp.grad is not None and torch.allclose(sim, losses.max_over_queries(img, txt) / 1e-4)
+
+
+def test_itg_label_smoothing():
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1, 3:] = -100
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
+                               label_smoothing=0.1)
+    assert torch.allclose(losses.itg_loss(logits, labels), expected)
+
+
+def test_itg_is_causal(stage1):
+    feats = stage1.encode_image(torch.randn(3, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE))
+    ids, mask = _text()
+    ids[:, 0] = 5  # [DEC]
+    with torch.no_grad():
+        query = stage1.query(feats)
+        before = stage1.itg_logits(query, ids, mask)
+        changed = ids.clone()
+        changed[:, 4] = (changed[:, 4] + 1) % tm.VOCAB
+        after = stage1.itg_logits(query, changed, mask)
+    assert torch.equal(before[:, :4], after[:, :4])  # positions before the change see nothing of it
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+
+
+def test_itg_cache_equals_full_multimodal_causal_pass(stage1):
+    """Reusing the query pass's keys/values equals one pass over [queries; text] under the ITG mask."""
+    feats = stage1.encode_image(torch.randn(3, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE))
+    ids, mask = _text()
+    with torch.no_grad():
+        cached = stage1.itg_logits(stage1.query(feats), ids, mask)
+        queries = stage1.query_tokens.expand(3, -1, -1)
+        embeds = torch.cat([queries, stage1.embeddings(ids)], dim=1)
+        full_mask = masks.multimodal_causal_mask(4, mask)
+        hidden, _ = stage1.qformer(embeds, 4, image=feats, mask=full_mask)
+        full = stage1.qformer_lm_head(hidden[:, 4:], stage1.embeddings.word_embeddings.weight)
+    real = mask.bool()
+    assert (cached - full)[real].abs().max() < 1e-5
+
+
+def _query_outputs(model, feats, ids, mask, build_mask):
+    queries = model.query_tokens.expand(ids.shape[0], -1, -1)
+    embeds = torch.cat([queries, model.embeddings(ids)], dim=1)
+    hidden, _ = model.qformer(embeds, 4, image=feats, mask=build_mask(mask))
+    return hidden[:, :4]
+
+
+def test_queries_never_see_text_under_itc_itg_masks_but_do_under_itm(stage1):
+    feats = stage1.encode_image(torch.randn(3, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE))
+    ids, mask = _text()
+    other = ids.clone()
+    other[:, 1:] = (other[:, 1:] + 3) % tm.VOCAB
+    itg = lambda m: masks.multimodal_causal_mask(4, m)  # noqa: E731
+    itm = lambda m: masks.bidirectional_mask(4, m)  # noqa: E731
+    with torch.no_grad():
+        alone = stage1.query(feats).hidden  # the ITC image pass: queries only
+        a = _query_outputs(stage1, feats, ids, mask, itg)
+        b = _query_outputs(stage1, feats, other, mask, itg)
+        c = _query_outputs(stage1, feats, ids, mask, itm)
+        d = _query_outputs(stage1, feats, other, mask, itm)
+    assert torch.allclose(a, alone, atol=1e-5) and torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(c, d, atol=1e-3)
+
+
+def test_itm_text_sees_image_through_queries(stage1):
+    feats = stage1.encode_image(torch.randn(3, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE))
+    ids, mask = _text()
+    with torch.no_grad():
+        a = stage1.itm_logits(feats, ids, mask)
+        b = stage1.itm_logits(feats.flip(0), ids, mask)
+    assert a.shape == (3, 2) and not torch.allclose(a, b)
+
+
+def test_padding_is_invisible_to_itc_text(stage1):
+    ids, mask = _text()
+    with torch.no_grad():
+        a = stage1.encode_text(ids, mask)
+        ids2 = ids.clone()
+        ids2[0, -2:] = 9  # change only padded positions
+        b = stage1.encode_text(ids2, mask)
+    assert torch.allclose(a[0, :-2], b[0, :-2], atol=1e-6)
+
+
+def test_stage1_losses_train_only_the_bridge(stage1):
+    stage1.train()
+    pixels = torch.randn(3, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE)
+    ids, mask = _text()
+    out = stage1.stage1_losses(stage1.encode_image(pixels), ids, mask, dec_token_id=5,
+                               generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "itc", "itm", "itg"}
+    assert torch.allclose(out["loss"], out["itc"] + out["itm"] + out["itg"])
+    out["loss"].backward()
+    grads = {n for n, p in stage1.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"temp", "query_tokens", "vision_model.post_layernorm.weight", "itm_head.weight",
+            "qformer_lm_head.bias"} <= grads
+    assert not any(n.startswith("vision_model.encoder") or n.startswith("vision_model.embeddings") for n in grads)
+    assert not stage1.vision_model.training  # frozen tower stays in eval mode
+    stage1.zero_grad()
+    stage1.eval()
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_stage2_loss(kind):
+    torch.manual_seed(0)
+    model = Blip2Model(tm.our_config(kind))
+    tm._randomize(model, 2)
+    model.eval()
+    feats = model.encode_image(torch.randn(2, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE))
+    ids = torch.tensor([[2, 10, 11, 12, 13], [2, 14, 15, 1, 1]])
+    mask = (ids != 1).long()
+    if kind == "opt":
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model.lm_loss(feats, ids, mask, labels)
+        logits = model.lm_logits(feats, ids, mask)  # (B, Q+T, V)
+        # REFERENCE §3: the last query predicts the BOS; prompt/pad positions are ignored.
+        shifted = logits[:, 3:-1]
+        expected = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    else:
+        target = torch.tensor([[10, 11, 1], [12, 1, 0]])
+        labels = target.masked_fill(target == 0, -100)
+        loss = model.lm_loss(feats, ids, mask, labels)
+        decoder = model.language_model._shift_right(labels.masked_fill(labels == -100, 0))
+        logits = model.lm_logits(feats, ids, mask, decoder_input_ids=decoder)
+        expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    assert model.language_projection.weight.grad is not None
+    assert all(p.grad is None for p in model.language_model.parameters())
