@@ -1,0 +1,465 @@
+"""`blip2 …`: caption, ask, chat, itm, retrieve and convert from the command line.
+
+Only the standard library is imported at module level: torch, transformers and the model code load inside
+the command functions, so `blip2 --help` is instant (DESIGN §3). A user mistake (missing or unreadable
+image, unknown model, wrong kind of checkpoint) ends in one `blip2: error: …` line on stderr and a non-zero
+exit, never a traceback (STYLE "Errors for people"); a genuine bug still shows its traceback, and `--debug`
+shows one for every error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR = 1  # a user mistake found at run time
+EXIT_USAGE = 2  # bad command line (argparse's code)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class CliError(Exception):
+    """A user mistake the command line itself finds (a missing file, a bad option value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our error line: `blip2: error: …` and a pointer to the help, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"blip2: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+# ------------------------------------------------------------------------------------- argument types
+
+
+def _number(text: str, cast: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Any:
+    try:
+        value = cast(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a whole number of 1 or more")
+
+
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "a whole number of 0 or more")
+
+
+def _real(text: str) -> float:
+    return _number(text, float, lambda v: v == v, "a number")  # v == v: not NaN
+
+
+def _positive_real(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a number above 0")
+
+
+def _probability(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def _device_name(text: str) -> str:
+    if text in ("auto", "cpu", "cuda", "mps") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r} (auto, cpu, cuda, cuda:N, mps)")
+
+
+# (flag, type, metavar, help) of the generation settings. Unset (None) keeps the library's defaults
+# (REFERENCE §6: captions 5 beams / 30 tokens, answers 5 beams / 10 tokens / length penalty -1).
+GENERATION_FLAGS = (
+    ("--num-beams", _positive_int, "N", "beams for beam search (default: 5)"),
+    ("--max-new-tokens", _positive_int, "N", "most tokens to generate (default: 30 captions, 10 answers)"),
+    ("--min-new-tokens", _non_negative_int, "N", "fewest tokens to generate (default: 1)"),
+    ("--length-penalty", _real, "X", "beam-search length penalty (default: 1 captions, -1 answers)"),
+    ("--repetition-penalty", _positive_real, "X", "penalty on repeated tokens; 1 means none"),
+    ("--temperature", _positive_real, "T", "sampling temperature (with --sample)"),
+    ("--top-p", _probability, "P", "nucleus sampling: the fewest tokens holding this mass (with --sample)"),
+)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text or type(err).__name__
+
+
+def _check_image_files(paths: Sequence[str]) -> None:
+    """Fail fast, before the model loads: every path must be an existing file."""
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise CliError(f"image file {path} does not exist")
+        if p.is_dir():
+            raise CliError(f"{path} is a directory, not an image file")
+
+
+def _expand_images(items: Sequence[str]) -> list[str]:
+    """Files as given; directories become their image files (by suffix, sorted, not recursive)."""
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CliError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in directory {item}")
+            out += found
+        elif p.exists():
+            out.append(item)
+        else:
+            raise CliError(f"image file or directory {item} does not exist")
+    return out
+
+
+def _generation(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the generation settings the user gave: the rest stay the library's defaults."""
+    gen = {_dest(flag): getattr(args, _dest(flag)) for flag, *_ in GENERATION_FLAGS}
+    gen = {key: value for key, value in gen.items() if value is not None}
+    if args.sample:
+        gen["do_sample"] = True
+    return gen
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CliError("--device mps: MPS is not available on this machine; use --device cpu")
+    return name
+
+
+def _resolve_dtype(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        import torch
+
+        # bf16 where the GPU has it (fp16 overflows in T5), as LAVIS runs the frozen parts in half precision.
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def _load(args: argparse.Namespace):
+    import blip2
+
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    return blip2.load(args.model, device=device, dtype=dtype, batch_size=args.batch_size)
+
+
+def _print_json(rows: Any) -> None:
+    print(json.dumps(rows, indent=2, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    _check_image_files(args.images)
+    model = _load(args)
+    captions = model.caption(args.images, prompt=args.prompt, **_generation(args))
+    if args.json:
+        _print_json([{"image": path, "caption": text} for path, text in zip(args.images, captions)])
+    else:
+        for path, text in zip(args.images, captions):
+            print(f"{path}: {text}")
+    return 0
+
+
+def _check_template(template: str | None) -> None:
+    if template is None:
+        return
+    try:
+        filled = template.format("\0")
+    except (IndexError, KeyError, ValueError):
+        filled = ""
+    if "\0" not in filled:
+        raise CliError(
+            f"--template {template!r} must hold one {{}} where the question goes, "
+            "e.g. 'Question: {} Answer:'"
+        )
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    _check_image_files([args.image])
+    _check_template(args.template)
+    model = _load(args)
+    answers = model.ask(args.image, args.questions, template=args.template, **_generation(args))
+    if args.json:
+        rows = [{"image": args.image, "question": q, "answer": a} for q, a in zip(args.questions, answers)]
+        _print_json(rows)
+    else:
+        for question, answer in zip(args.questions, answers):
+            print(answer if len(args.questions) == 1 else f"{question} -> {answer}")
+    return 0
+
+
+CHAT_HELP = "/reset clears the conversation, /quit (or end of input) leaves"
+
+
+def _chat_turn(session, question: str) -> str:
+    """One answer; the session's warnings (old turns dropped) become note lines on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answer = session.ask(question)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and str(w.message).startswith("chat context full"):
+            print(f"blip2: note: {w.message}", file=sys.stderr)
+        else:  # not ours: let it through as Python would have shown it
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return answer
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line of input, None at the end. A terminal gets a prompt (and line editing via input())."""
+    if not interactive:
+        return sys.stdin.readline() or None
+    try:
+        return input("you> ")
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _check_image_files([args.image])
+    model = _load(args)
+    session = model.chat(args.image, **_generation(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting about {args.image}; {CHAT_HELP}", file=sys.stderr)
+    failed = False
+    while (line := _read_line(interactive)) is not None:
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/quit", "/exit"):
+            break
+        if question == "/reset":
+            session.reset()
+            print("blip2: note: conversation cleared (the image stays)", file=sys.stderr)
+            continue
+        if question.startswith("/") and question[1:].isalpha():
+            print(f"blip2: note: unknown command {question}: {CHAT_HELP}", file=sys.stderr)
+            continue
+        try:
+            answer = _chat_turn(session, question)
+        except ValueError as err:  # e.g. a question longer than the context: the chat goes on
+            print(f"blip2: error: {_one_line(err)}", file=sys.stderr)
+            failed = True
+            continue
+        if args.json:  # one object per line (JSON Lines), so answers stream
+            row = {"image": args.image, "question": question, "answer": answer}
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            print(f"blip2> {answer}" if interactive else answer)
+        sys.stdout.flush()
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_itm(args: argparse.Namespace) -> int:
+    _check_image_files([args.image])
+    model = _load(args)
+    itm = model.itm(args.image, args.texts)
+    itc = model.similarity(args.image, args.texts)[0].tolist()  # (n_texts,)
+    if args.json:
+        _print_json(
+            [{"image": args.image, "text": t, "itm": p, "itc": s} for t, p, s in zip(args.texts, itm, itc)]
+        )
+    else:
+        for text, p, s in zip(args.texts, itm, itc):
+            print(f"{text}: match {p:.4f}  similarity {s:.4f}")
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    paths = _expand_images(args.images)
+    model = _load(args)
+    results = model.retrieve(args.texts, paths, k=args.k, rerank=args.rerank)
+    if args.json:
+        _print_json([
+            {"text": text, "rank": rank, "image": paths[m.index], "score": m.score, "itc": m.itc}
+            for text, matches in zip(args.texts, results)
+            for rank, m in enumerate(matches, 1)
+        ])
+        return 0
+    several = len(args.texts) > 1
+    for i, (text, matches) in enumerate(zip(args.texts, results)):
+        if several:
+            print(("\n" if i else "") + f"{text}:")
+        for m in matches:
+            print(f"{'  ' if several else ''}{m.score:8.4f}  {paths[m.index]}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if not Path(args.src).is_file():
+        raise CliError(f"LAVIS checkpoint {args.src} does not exist (give the .pth file)")
+    try:
+        from blip2.convert.lavis_convert import convert_lavis
+    except ModuleNotFoundError as err:
+        if err.name != "blip2.convert.lavis_convert":
+            raise
+        missing = "LAVIS conversion is not in this install (blip2.convert.lavis_convert is missing)"
+        raise CliError(missing) from None
+    extra = {k: getattr(args, k) for k in ("qformer_tokenizer", "qformer_heads", "vision_heads")}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    folder = convert_lavis(args.src, args.dst, llm=args.llm, vision=args.vision, **extra)
+    print(f"wrote {folder or args.dst}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+
+def _model_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model options")
+    g.add_argument("--model", "-m", default="default", metavar="NAME_OR_DIR",
+                   help="checkpoint folder, hub name (e.g. Salesforce/blip2-opt-2.7b) or 'default' "
+                        "(default: %(default)s)")
+    g.add_argument("--device", type=_device_name, default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (default: %(default)s: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="precision of the frozen parts; the Q-Former stays float32 "
+                        "(default: %(default)s: bfloat16/float16 on CUDA, float32 elsewhere)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="images (and prompts) per forward pass (default: %(default)s)")
+    g.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    return p
+
+
+def _generation_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("generation options (unset: the library's defaults)")
+    for flag, kind, metavar, text in GENERATION_FLAGS:
+        g.add_argument(flag, type=kind, default=None, metavar=metavar, help=text)
+    g.add_argument("--sample", action="store_true", default=None,
+                   help="sample instead of searching (with the default 5 beams this is beam sampling; "
+                        "add --num-beams 1 for plain sampling)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from blip2 import __version__
+
+    parser = _Parser(
+        prog="blip2",
+        description="BLIP-2 from the command line: caption images, answer questions, chat, match, retrieve.",
+        epilog="Run `blip2 COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"blip2 {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback for every error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    model, gen = _model_options(), _generation_options()
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], text: str, parents: list):
+        p = sub.add_parser(name, help=text, description=text, parents=parents)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("caption", cmd_caption, "Describe each image in a sentence.", [model, gen])
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to caption")
+    p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
+
+    p = add("ask", cmd_ask, "Answer questions about one image (the image is encoded once).", [model, gen])
+    p.add_argument("image", metavar="IMAGE", help="the image file")
+    p.add_argument("questions", nargs="+", metavar="QUESTION", help="one or more questions")
+    p.add_argument("--template", default=None,
+                   help="prompt around each question, with {} for it (default: the LLM's, "
+                        "'Question: {} Answer:' or 'Question: {} Short answer:')")
+
+    text = (f"Talk about one image: questions from stdin, one per line; answers on stdout. "
+            f"{CHAT_HELP[0].upper()}{CHAT_HELP[1:]}. With --json, one JSON object per answer.")
+    p = add("chat", cmd_chat, text, [model, gen])
+    p.add_argument("image", metavar="IMAGE", help="the image file")
+
+    text = "How well each text matches one image: ITM match probability and ITC similarity."
+    p = add("itm", cmd_itm, text, [model])
+    p.add_argument("image", metavar="IMAGE", help="the image file")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="one or more texts")
+
+    text = "The images that best match each text (ITC, then re-ranked by ITM)."
+    p = add("retrieve", cmd_retrieve, text, [model])
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="one or more texts to search for")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                   help="image files and/or directories (their image files, not recursive)")
+    p.add_argument("-k", type=_positive_int, default=5, help="images to show per text (default: %(default)s)")
+    p.add_argument("--rerank", type=_positive_int, default=128, metavar="N",
+                   help="ITC candidates re-scored with ITM (default: %(default)s)")
+
+    text = "Convert a LAVIS .pth checkpoint into a folder that blip2 (and transformers) loads."
+    p = add("convert", cmd_convert, text, [])
+    p.add_argument("src", metavar="SRC", help="the LAVIS checkpoint (.pth)")
+    p.add_argument("dst", metavar="DST", help="the folder to write")
+    p.add_argument("--llm", default=None, metavar="NAME_OR_DIR",
+                   help="the frozen LLM of a stage-2 checkpoint, e.g. facebook/opt-2.7b or google/flan-t5-xl")
+    p.add_argument("--vision", default=None, metavar="NAME_OR_DIR",
+                   help="a BLIP-2 folder or hub name with the same EVA ViT, when SRC holds none "
+                        "(LAVIS does not save it), e.g. Salesforce/blip2-opt-2.7b")
+    p.add_argument("--qformer-tokenizer", default=None, metavar="NAME_OR_DIR",
+                   help="the Q-Former's BERT tokenizer, saved with a stage-1 checkpoint for itm/retrieve")
+    p.add_argument("--qformer-heads", type=_positive_int, default=None, metavar="N",
+                   help="Q-Former attention heads (default: hidden size / 64)")
+    p.add_argument("--vision-heads", type=_positive_int, default=None, metavar="N",
+                   help="ViT attention heads (default: 16 for EVA ViT-g)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `blip2 …` with `argv` (default: sys.argv[1:]); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, usage errors
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else EXIT_USAGE)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nblip2: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    # ImageError (blip2.data.images) and CheckpointError (blip2.convert.checkpoint) are ValueErrors: catching
+    # ValueError takes them without importing torch here. Anything else is a bug and keeps its traceback.
+    except (CliError, FileNotFoundError, PermissionError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"blip2: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # `blip2 … | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

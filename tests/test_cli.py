@@ -1,0 +1,288 @@
+"""`blip2 …` on tiny random checkpoints: every command in-process through `main(argv)`, the errors people
+make (one `blip2: error:` line, non-zero exit, no traceback), and the instant `--help` in a subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_models as tm
+
+from blip2 import cli
+from blip2.inference.pipeline import Blip2
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+FAST = ["--num-beams", "1", "--max-new-tokens", "3"]  # tiny models need no beams
+
+
+def _blip2_command() -> list[str]:
+    script = Path(sys.executable).parent / "blip2"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "blip2.cli"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    tm.save_generation_model(root / "opt", "opt")
+    tm.save_retrieval_model(root / "itm")
+    (root / "images").mkdir()
+    for i, image in enumerate(tm.images(3)):
+        image.save(root / "images" / f"{i}.png")
+    (root / "images" / "notes.txt").write_text("not an image, skipped by suffix")
+    (root / "x.png").write_bytes(b"\x00garbage, not a png\xff" * 8)
+    return {
+        "root": root, "opt": root / "opt", "itm": root / "itm", "garbage": root / "x.png",
+        "dir": root / "images", "img": root / "images" / "0.png", "img1": root / "images" / "1.png",
+    }
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if "blip2: error:" in line]
+    assert code != 0
+    assert len(lines) == 1 and lines[0].startswith("blip2: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# -------------------------------------------------------------------------------------------- help
+
+
+def test_import_and_help_do_not_load_torch():
+    code = (
+        "import sys\n"
+        "from blip2.cli import main\n"
+        "for argv in (['--help'], ['caption', '--help'], ['convert', '--help']):\n"
+        "    assert main(argv) == 0\n"
+        "heavy = ('torch', 'transformers', 'numpy', 'PIL', 'blip2.inference')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+
+
+def test_entry_point_help():
+    for argv in (["--help"], ["caption", "--help"], ["convert", "--help"]):
+        done = subprocess.run(_blip2_command() + argv, capture_output=True, text=True, env=ENV, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage: blip2")
+
+
+def test_every_command_and_option_has_help(capsys):
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0]
+    assert set(commands.choices) == {"caption", "ask", "chat", "itm", "retrieve", "convert"}
+    described = {a.dest: a.help for a in commands._choices_actions}
+    for name, sub in commands.choices.items():
+        assert described[name], name
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        assert cli.main([name, "--help"]) == 0
+        assert f"usage: blip2 {name}" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------------- the commands
+
+
+def test_caption_text_and_json(files, capsys):
+    code, out, _ = run(capsys, "caption", files["img"], files["img1"], "--model", files["opt"], *FAST)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{files['img']}: ") and lines[1].startswith(f"{files['img1']}: ")
+
+    code, out, _ = run(capsys, "caption", files["img"], files["img1"], "-m", files["opt"], "--json",
+                       "--prompt", "a photo of", "--batch-size", "1", *FAST)
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["image"] for r in rows] == [str(files["img"]), str(files["img1"])]
+    assert all(isinstance(r["caption"], str) for r in rows)
+
+
+def test_only_given_generation_flags_reach_the_library(files, capsys, monkeypatch):
+    seen = []
+
+    def spy(self, images, prompt=None, **generation):
+        seen.append(generation)
+        return ["a caption"] * len(images)
+
+    monkeypatch.setattr(Blip2, "caption", spy)
+    assert run(capsys, "caption", files["img"], "-m", files["opt"])[0] == 0
+    assert seen[-1] == {}
+    argv = ["--num-beams", "2", "--max-new-tokens", "4", "--min-new-tokens", "0", "--length-penalty", "0.5",
+            "--repetition-penalty", "1.2", "--temperature", "0.7", "--top-p", "0.9", "--sample"]
+    assert run(capsys, "caption", files["img"], "-m", files["opt"], *argv)[0] == 0
+    assert seen[-1] == {"num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 0, "length_penalty": 0.5,
+                        "repetition_penalty": 1.2, "temperature": 0.7, "top_p": 0.9, "do_sample": True}
+
+
+def test_ask_one_and_several_questions(files, capsys):
+    code, out, _ = run(capsys, "ask", files["img"], "what color is this ?", "-m", files["opt"], *FAST)
+    assert code == 0 and len(out.splitlines()) <= 1  # just the answer (may be empty on random weights)
+
+    code, out, _ = run(capsys, "ask", files["img"], "what color ?", "what shape ?", "-m", files["opt"],
+                       "--json", "--template", "Question: {} Short answer:", *FAST)
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["question"] for r in rows] == ["what color ?", "what shape ?"]
+    assert all(r["image"] == str(files["img"]) and isinstance(r["answer"], str) for r in rows)
+
+
+def test_ask_template_needs_a_slot(files, capsys):
+    code, _, err = run(capsys, "ask", files["img"], "what ?", "-m", files["opt"], "--template", "A: {name}")
+    assert_clean_error(code, err, "--template")
+
+
+def _chat(capsys, monkeypatch, files, lines: list[str], *extra):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    return run(capsys, "chat", files["img"], "-m", files["opt"], "--json", *FAST, *extra)
+
+
+def test_chat_reads_stdin_until_quit(files, capsys, monkeypatch):
+    lines = ["what is this ?", "", "/reset", "is it red ?", "/quit", "never asked ?"]
+    code, out, err = _chat(capsys, monkeypatch, files, lines)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["question"] for r in rows] == ["what is this ?", "is it red ?"]
+    assert "you>" not in out  # no prompt when stdin is not a terminal
+    assert "conversation cleared" in err
+
+
+def test_chat_without_json_prints_one_answer_per_line(files, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what ?\nwhere ?\n"))  # ends at EOF, no /quit
+    code, out, _ = run(capsys, "chat", files["img"], "-m", files["opt"], *FAST)
+    assert code == 0 and out.count("\n") == 2
+
+
+def test_chat_in_a_terminal_prompts_and_labels_answers(files, capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("what is this ?\n"))  # input() reads it; EOF ends the chat
+    code, out, err = run(capsys, "chat", files["img"], "-m", files["opt"], *FAST)
+    assert code == 0
+    assert out.startswith("you> blip2> ") and out.count("you> ") == 2
+    assert "/reset" in err  # the greeting says how to leave and reset
+
+
+def test_chat_notes_dropped_turns_and_survives_a_too_long_question(files, capsys, monkeypatch):
+    long_question = " ".join(["what color is the circle ?"] * 6)  # ~36 tokens: 3 turns overflow 128 positions
+    too_long = " ".join(["what"] * 200)
+    code, out, err = _chat(capsys, monkeypatch, files, [long_question] * 4 + [too_long, "is it red ?"])
+    assert len(out.splitlines()) == 5  # every question but the too-long one got an answer
+    assert "blip2: note: chat context full: dropped the oldest turn" in err
+    assert_clean_error(code, err, "longer than the model's context")
+
+
+def test_itm_scores_each_text(files, capsys):
+    code, out, _ = run(capsys, "itm", files["img"], "a red circle", "a blue square", "-m", files["itm"],
+                       "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["text"] for r in rows] == ["a red circle", "a blue square"]
+    assert all(0.0 <= r["itm"] <= 1.0 and -1.0 <= r["itc"] <= 1.0 for r in rows)
+
+    code, out, _ = run(capsys, "itm", files["img"], "a red circle", "-m", files["itm"])
+    assert code == 0 and out.startswith("a red circle: match ")
+
+
+def test_retrieve_from_a_directory(files, capsys):
+    code, out, _ = run(capsys, "retrieve", "a red circle", "a dog", "--images", files["dir"], "-k", "2",
+                       "-m", files["itm"], "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) == 4 and [r["rank"] for r in rows] == [1, 2, 1, 2]
+    known = {str(files["dir"] / f"{i}.png") for i in range(3)}
+    assert {r["image"] for r in rows} <= known
+    for text in ("a red circle", "a dog"):
+        scores = [r["score"] for r in rows if r["text"] == text]
+        assert scores == sorted(scores, reverse=True)
+
+    images = [str(files["img"]), str(files["img1"])]
+    code, out, _ = run(capsys, "retrieve", "a cat", "--images", *images, "-m", files["itm"])
+    assert code == 0
+    assert sorted(line.split()[-1] for line in out.splitlines()) == sorted(images)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["caption", "{root}/missing.png", "-m", "{opt}"], "does not exist"),
+        (["caption", "{garbage}", "-m", "{opt}"], "not a readable image"),
+        (["caption", "{dir}", "-m", "{opt}"], "is a directory"),
+        (["caption", "{img}", "-m", "{root}/no-such-model"], "no checkpoint folder"),
+        (["caption", "{img}", "-m", "{img}"], "is a file"),
+        (["caption", "{img}"], "default model is not bundled"),
+        (["caption", "{img}", "-m", "{itm}"], "no language model"),
+        (["chat", "{img}", "-m", "{itm}"], "no language model"),
+        (["itm", "{img}", "a cat", "-m", "{opt}"], "no image-text matching heads"),
+        (["retrieve", "a cat", "--images", "{root}/nowhere", "-m", "{itm}"], "does not exist"),
+        (["retrieve", "a cat", "--images", "{opt}", "-m", "{itm}"], "no image files"),
+        (["retrieve", "a cat", "--images", "{garbage}", "-m", "{itm}"], "not a readable image"),
+        (["convert", "{root}/missing.pth", "{root}/out"], "does not exist"),
+    ],
+)
+def test_user_mistakes_give_one_clear_line(files, capsys, argv, needle):
+    code, out, err = run(capsys, *[a.format(**files) for a in argv])
+    assert code == cli.EXIT_ERROR and out == ""
+    assert_clean_error(code, err, needle)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["caption"], ["caption", "{img}", "--num-beams", "0"], ["caption", "{img}", "--top-p", "2"],
+     ["caption", "{img}", "--device", "tpu"], ["frobnicate"], []],
+)
+def test_usage_mistakes_exit_2(files, capsys, argv):
+    code, _, err = run(capsys, *[a.format(**files) for a in argv])
+    assert code == cli.EXIT_USAGE
+    assert_clean_error(code, err)
+
+
+def test_a_bug_keeps_its_traceback(files, capsys, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a genuine bug")
+
+    monkeypatch.setattr(Blip2, "caption", broken)
+    with pytest.raises(RuntimeError, match="a genuine bug"):
+        cli.main(["caption", str(files["img"]), "-m", str(files["opt"])])
+
+
+def test_ctrl_c_exits_130(files, capsys, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Blip2, "caption", interrupted)
+    code, _, err = run(capsys, "caption", files["img"], "-m", files["opt"])
+    assert code == cli.EXIT_INTERRUPTED and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(files, capsys):
+    with pytest.raises(FileNotFoundError):
+        cli.main(["--debug", "caption", str(files["img"]), "-m", str(files["root"] / "no-such-model")])
+
+
+@pytest.mark.parametrize("which", ["garbage", "missing"])
+def test_entry_point_errors_without_traceback(files, which):
+    image = files["garbage"] if which == "garbage" else files["root"] / "missing.png"
+    done = subprocess.run(_blip2_command() + ["caption", str(image), "-m", str(files["opt"])],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == cli.EXIT_ERROR
+    assert_clean_error(done.returncode, done.stderr, str(image))
