@@ -201,3 +201,41 @@ def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> None:
         if ptr in seen and t.numel() > 0:
             tensors[key] = t.clone()
         seen[ptr] = key
+
+
+def init_model(cfg: Blip2Config, bert: str | os.PathLike | None = None) -> Blip2Model:
+    """A model to train from scratch: frozen parts from their `pretrained` sources (packages, hub, folders),
+    the Q-Former from a BERT checkpoint folder when `bert` is given (REFERENCE §1), the rest BERT-initialised."""
+    from accelerate import init_empty_weights
+
+    external = {
+        "vision_model": cfg.vision.pretrained is not None or cfg.vision.kind == "efficientnet_lite0",
+        "language_model": cfg.language is not None and cfg.language.pretrained is not None,
+    }
+    with init_empty_weights(include_buffers=False):  # parts loaded below are never allocated twice
+        model = Blip2Model(cfg)
+    from blip2.models.language import build_language_model, load_pretrained_language_model
+    from blip2.models.vision import build_vision_encoder
+
+    model.vision_model = build_vision_encoder(cfg.vision, load_pretrained=external["vision_model"])
+    if cfg.language is not None:
+        model.language_model = (
+            load_pretrained_language_model(cfg.language) if external["language_model"] else build_language_model(cfg.language)
+        )
+    for name, child in model.named_children():
+        if name not in ("vision_model", "language_model"):
+            child.to_empty(device="cpu")
+    model.query_tokens = torch.nn.Parameter(torch.empty_like(model.query_tokens, device="cpu"))
+    if hasattr(model, "temp"):
+        model.temp = torch.nn.Parameter(torch.tensor(0.07))
+    if hasattr(model, "qformer_lm_head"):
+        torch.nn.init.zeros_(model.qformer_lm_head.bias)
+    model.init_trainable_weights()
+    if bert is not None:
+        from transformers import AutoModel
+
+        from blip2.models.init import init_qformer_from_bert
+
+        init_qformer_from_bert(model, AutoModel.from_pretrained(str(bert)).state_dict())
+    model.freeze_frozen_parts()
+    return model
