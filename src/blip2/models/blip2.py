@@ -142,6 +142,15 @@ class Blip2Model(nn.Module):
         """pixels (B, 3, S, S) -> frozen image features (B, N, Dv), after `post_layernorm` (ln_vision)."""
         return self.vision_model(pixel_values)
 
+    def frozen_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's output before its trainable post-LN: what `blip2 cache-features` stores."""
+        return self.vision_model.frozen_features(pixel_values)
+
+    def image_features_from_cache(self, frozen: torch.Tensor) -> torch.Tensor:
+        """Cached frozen features (B, N, Dv) -> what `encode_image` gives: the trainable post-LN applied."""
+        norm = self.vision_model.post_layernorm
+        return norm(frozen.to(norm.weight.dtype))
+
     def query(self, image_feats: torch.Tensor) -> QueryOutput:
         """The queries read the image through cross-attention: -> (B, Q, D) + per-layer cache."""
         queries = self.query_tokens.expand(image_feats.shape[0], -1, -1)

@@ -21,3 +21,7 @@ class VisionEncoder(Protocol):
     trainable_prefixes: tuple[str, ...]
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
+    def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The output before `post_layernorm`: it never changes in training, so it can be cached."""
+        ...

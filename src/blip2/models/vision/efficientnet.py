@@ -94,7 +94,10 @@ class EfficientNetLite0Encoder(nn.Module):
             )
         return self.backbone.extract_features(pixel_values)  # (B, 1280, 7, 7)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tokens before the trainable `post_layernorm`: what a feature cache stores. (B, 49, 1280)"""
         fmap = self.feature_map(pixel_values)  # (B, C, H, W)
-        tokens = fmap.flatten(2).transpose(1, 2)  # (B, H*W, C): one token per spatial position, row-major
-        return self.post_layernorm(tokens)  # (B, 49, 1280); autocast runs layer_norm in fp32 (REFERENCE §1)
+        return fmap.flatten(2).transpose(1, 2)  # (B, H*W, C): one token per spatial position, row-major
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.frozen_features(pixel_values))  # (B, 49, 1280); autocast runs layer_norm in fp32 (REFERENCE §1)

@@ -30,10 +30,13 @@ class Blip2VisionTower(nn.Module):
         self.width = config.hidden_size
         self.image_size = config.image_size
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's output before the trainable `post_layernorm`: what a feature cache stores."""
         x = self.embeddings(pixel_values)  # (B, 1 + (S/p)^2, D)
-        x = self.encoder(inputs_embeds=x).last_hidden_state
-        return self.post_layernorm(x)
+        return self.encoder(inputs_embeds=x).last_hidden_state
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.frozen_features(pixel_values))
 
 
 _TOWERS = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
@@ -56,6 +59,9 @@ class HFVisionTower(nn.Module):
         self.feature_layer = feature_layer
         self.post_layernorm = nn.LayerNorm(self.width, eps=1e-5)  # LAVIS ln_vision eps (REFERENCE §1)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
-        return self.post_layernorm(out.hidden_states[self.feature_layer])  # (B, N, D)
+        return out.hidden_states[self.feature_layer]  # (B, N, D)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.frozen_features(pixel_values))
