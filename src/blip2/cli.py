@@ -1,4 +1,4 @@
-"""`blip2 …`: caption, ask, chat, itm, retrieve and convert from the command line.
+"""`blip2 …`: caption, ask, chat, itm, retrieve, eval and convert from the command line.
 
 Only the standard library is imported at module level: torch, transformers and the model code load inside
 the command functions, so `blip2 --help` is instant (DESIGN §3). A user mistake (missing or unreadable
@@ -323,6 +323,13 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from blip2.eval.command import run_eval
+
+    generation = _generation(args) if args.task != "retrieval" else {}
+    return run_eval(args, load=lambda: _load(args), generation=generation)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if not Path(args.src).is_file():
         raise CliError(f"LAVIS checkpoint {args.src} does not exist (give the .pth file)")
@@ -418,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=5, help="images to show per text (default: %(default)s)")
     p.add_argument("--rerank", type=_positive_int, default=128, metavar="N",
                    help="ITC candidates re-scored with ITM (default: %(default)s)")
+
+    from blip2.eval.command import add_eval_parser  # standard library only, like this file
+
+    add_eval_parser(sub, model, gen, cmd_eval)
 
     text = "Convert a LAVIS .pth checkpoint into a folder that blip2 (and transformers) loads."
     p = add("convert", cmd_convert, text, [])

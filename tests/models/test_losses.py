@@ -91,7 +91,7 @@ def test_hard_negatives_need_two_images():
 
 def test_temperature_is_learnable_and_unclamped(stage1):
     assert isinstance(stage1.temp, torch.nn.Parameter) and stage1.temp.requires_grad
-    assert math.isclose(float(Blip2Model(tm.our_config(None)).temp), 0.07, rel_tol=1e-6)
+    assert math.isclose(float(Blip2Model(tm.our_config(None)).temp.detach()), 0.07, rel_tol=1e-6)
     img = F.normalize(torch.randn(2, 3, 4), dim=-1)
     txt = F.normalize(torch.randn(2, 4), dim=-1)
     temp = torch.nn.Parameter(torch.tensor(1e-4))  # far below LAVIS BLIP-1's clamp at 0.001: used as is
