@@ -1,0 +1,370 @@
+"""Stage 2: the Q-Former's queries become a soft prompt for a frozen LLM, trained with its LM loss
+(REFERENCE §3).
+
+    blip2 train stage2 --config configs/stage2.yaml [key=value ...] [--resume]
+    torchrun --nproc-per-node 8 -m blip2.recipes.stage2 --config configs/stage2.yaml
+
+The image encoder and the LLM are frozen; the queries, the Q-Former, ln_vision and the projection train.
+Decoder-only LLMs (OPT, Llama) read [soft prompt; BOS prompt target EOS] and learn the target; encoder-decoder
+LLMs (T5) read [soft prompt; prompt] and decode the target (data/collate.py has the details). Caption data
+trains with `prompt` ("" for pretraining, "a photo of" for caption fine-tuning; T5 without a prompt splits
+each caption into prefix and suffix); VQA data trains on `prompt.format(question)` -> the most frequent
+answer, with the paper's template by default.
+
+The model comes from (a) `init_from` a stage-1 checkpoint plus `language` (an LLM config: its Q-Former,
+queries and ln_vision are taken, the LLM and a fresh projection added), (b) `init_from` a stage-2
+checkpoint (continue training), or (c) `model`, a whole Blip2Config (from scratch). One script, top to
+bottom: setup -> loop -> save; output_dir/final loads with `blip2.load` (caption, ask, chat).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from blip2.convert.checkpoint import CheckpointError, init_model, load_model, save_model
+from blip2.data.collate import LMBatch, decoder_only_batch, encoder_decoder_batch, split_caption
+from blip2.data.datasets import DatasetError, build_dataset, check_images, collate, read_records
+from blip2.data.text import vqa_template
+from blip2.models.blip2 import Blip2Model
+from blip2.models.config import Blip2Config, ConfigError as ModelConfigError, LanguageConfig
+from blip2.training import checkpoint as ckpt
+from blip2.training.config import ConfigError, parse_args, read_yaml, resolve_path, to_dict
+from blip2.training.distributed import (
+    DistEnv,
+    barrier,
+    cleanup_distributed,
+    mean_over_ranks,
+    setup_distributed,
+    sum_over_ranks,
+)
+from blip2.training.loop import (
+    Throughput,
+    TrainResult,
+    autocast,
+    clip_and_step,
+    grad_scaler,
+    no_sync,
+    restore_training_state,
+    seed_everything,
+    training_state,
+    wrap_ddp,
+)
+from blip2.training.metrics import MetricsLogger, plot_losses, read_metrics
+from blip2.training.optim import build_optimizer, build_scheduler
+from blip2.training.options import TrainConfig
+from blip2.training.sampler import make_loader, micro_batches
+
+log = logging.getLogger("blip2.train.stage2")
+BRIDGE = ("language_model.", "language_projection.")  # what a stage-1 checkpoint cannot provide
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    model: dict[str, Any] | str | None = None  # a whole Blip2Config with `language` (mapping or file): from scratch
+    init_from: str | None = None  # a stage-1 checkpoint (with `language`) or a stage-2 one (continue)
+    language: dict[str, Any] | None = None  # LanguageConfig mapping, added to a stage-1 checkpoint
+    tokenizer: str | None = None  # the LLM's tokenizer folder; default: init_from's, or language.pretrained
+    prompt: str | None = None  # captions: "" (default) or e.g. "a photo of"; VQA: a template with {}
+    append_eos: bool = True  # decoder-only targets end with the tokenizer's EOS, so generation learns to stop
+    lr: float = 1e-4
+    min_lr: float = 5e-5  # paper: stage-2 minimum lr 5e-5 (REFERENCE §5)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def model_config(spec: dict[str, Any] | str) -> Blip2Config:
+    data = read_yaml(spec) if isinstance(spec, str) else spec
+    return Blip2Config.from_dict(data)
+
+
+def stage2_from_stage1(stage1: Blip2Model, cfg: Stage2Config) -> Blip2Model:
+    """A stage-2 model holding the stage-1 model's image encoder, ln_vision, queries and Q-Former (query path);
+    the LLM comes from its config, the language projection starts fresh (REFERENCE §3)."""
+    if cfg.model is not None:
+        mcfg = model_config(cfg.model)
+    elif cfg.language is not None:
+        base = stage1.config
+        mcfg = dataclasses.replace(
+            base, language=LanguageConfig.from_dict(cfg.language), stage1_heads=False, itg_head=False,
+            qformer=dataclasses.replace(base.qformer, use_text_input=False),
+        )
+    else:
+        raise ConfigError("init_from is a stage-1 checkpoint: also give `language` (the LLM's config) or `model`")
+    if mcfg.language is None:
+        raise ConfigError("the stage-2 model config has no `language` block")
+    model = init_model(mcfg)  # the LLM from its source; the image encoder is replaced just below
+    source, target = stage1.state_dict(), model.state_dict()
+    needed = [k for k in target if not k.startswith(BRIDGE)]
+    missing = [k for k in needed if k not in source]
+    wrong = [f"{k} {tuple(source[k].shape)} vs {tuple(target[k].shape)}" for k in needed
+             if k in source and source[k].shape != target[k].shape]
+    if missing or wrong:
+        raise ConfigError(f"the stage-1 checkpoint {cfg.init_from} does not fit the stage-2 model: "
+                          f"missing {missing[:6]}, different shapes {wrong[:6]}")
+    model.load_state_dict({k: source[k] for k in needed}, strict=False)
+    model.freeze_frozen_parts()
+    log.info("stage 2 from stage 1: took %d tensors (image encoder, queries, Q-Former), new: language projection",
+             len(needed))
+    return model
+
+
+def _check_model_source(cfg: Stage2Config) -> None:
+    if cfg.init_from is None and cfg.model is None:
+        raise ConfigError("give `init_from` (a stage-1 or stage-2 checkpoint folder) or `model` (a model config)")
+    if cfg.init_from is None and cfg.language is not None:
+        raise ConfigError("`language` goes with init_from a stage-1 checkpoint; put it inside `model` instead")
+
+
+def check_config(cfg: Stage2Config) -> None:
+    """Mistakes a config can show before anything is loaded."""
+    _check_model_source(cfg)
+    if not cfg.data.path:
+        raise ConfigError("set data.path: the annotation file to train on")
+    if cfg.grad_accum < 1 or cfg.steps < 1:
+        raise ConfigError("steps and grad_accum must be at least 1")
+
+
+def build_model(cfg: Stage2Config) -> tuple[Blip2Model, Path | None]:
+    """The model to train and the stage-2 checkpoint folder it continues (None otherwise)."""
+    _check_model_source(cfg)
+    if cfg.init_from is None:
+        model = init_model(model_config(cfg.model))
+        folder = None
+    else:
+        base, folder = load_model(cfg.init_from)
+        if base.config.language is None:
+            model = stage2_from_stage1(base, cfg)
+            folder = None  # its tokenizer is the Q-Former's BERT one, not the LLM's
+        elif cfg.model is not None or cfg.language is not None:
+            raise ConfigError(f"{cfg.init_from} is already a stage-2 checkpoint: drop `model` and `language`")
+        else:
+            model = base
+    if model.config.language is None:
+        raise ConfigError("stage 2 needs a model with a language model")
+    return model, folder
+
+
+def load_tokenizer(cfg: Stage2Config, folder: Path | None, model: Blip2Model):
+    from transformers import AutoTokenizer
+
+    lang = model.config.language
+    source = str(resolve_path(cfg.tokenizer)) if cfg.tokenizer else None
+    kwargs: dict[str, Any] = {}
+    if source is None and folder is not None and (folder / "tokenizer_config.json").exists():
+        source = str(folder)
+    if source is None and lang.pretrained is not None:  # the LLM's own folder (or GGUF file)
+        source = str(resolve_path(lang.pretrained)) if lang.pretrained.startswith("package:") else lang.pretrained
+        kwargs = {"gguf_file": lang.gguf_file} if lang.gguf_file else {}
+    if source is None:
+        raise ConfigError("set `tokenizer`: the folder of the LLM's tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    vocab = model.language_model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer at {source} has {len(tokenizer)} tokens, more than the LLM's {vocab}")
+    return tokenizer
+
+
+class Stage2Objective(nn.Module):
+    """One forward = the LM loss of a batch, through the soft prompt. A module, so DDP's hooks see it."""
+
+    def __init__(self, model: Blip2Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels, input_ids, attention_mask, labels, decoder_attention_mask=None) -> torch.Tensor:
+        feats = self.model.encode_image(pixels)  # (B, N, Dv)
+        kw = {} if decoder_attention_mask is None else {"decoder_attention_mask": decoder_attention_mask}
+        return self.model.lm_loss(feats, input_ids, attention_mask, labels, **kw)
+
+
+def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_decoder: bool, micro: int) -> LMBatch:
+    """The batch's texts -> LLM ids and labels (see the module docstring and data/collate.py)."""
+    n = len(batch["index"])
+    if "question" in batch:  # VQA
+        template = cfg.prompt if cfg.prompt is not None else vqa_template(encoder_decoder)
+        if "{}" not in template:
+            raise ConfigError(f"VQA data needs a prompt template with {{}} for the question, got {template!r}")
+        prompts, targets = [template.format(q) for q in batch["question"]], list(batch["answer"])
+    elif cfg.prompt:
+        prompts, targets = [cfg.prompt] * n, list(batch["text"])
+    elif encoder_decoder:  # prefix LM: a random split of each caption, seeded by item and position
+        rngs = [random.Random(f"{cfg.seed}:{micro}:{int(i)}") for i in batch["index"]]
+        splits = [split_caption(t, rng) for t, rng in zip(batch["text"], rngs)]
+        prompts, targets = [s[0] for s in splits], [s[1] for s in splits]
+    else:
+        prompts, targets = [""] * n, list(batch["text"])
+    if encoder_decoder:
+        return encoder_decoder_batch(tokenizer, prompts, targets, cfg.data.max_text_len)
+    # After a prompt the target starts a new word: " cat", as BPE tokenizers see it at generation time.
+    targets = [" " + t if p else t for p, t in zip(prompts, targets)]
+    return decoder_only_batch(tokenizer, prompts, targets, cfg.data.max_text_len, cfg.append_eos)
+
+
+def resume_folder(cfg: TrainConfig) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = ckpt.latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+        if found is None:
+            log.warning("resume=latest: no checkpoint in %s/checkpoints yet, starting from step 0", cfg.output_dir)
+        return found
+    return Path(cfg.resume)
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def run(cfg: Stage2Config) -> TrainResult:
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    env = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, env)
+    finally:
+        if owns_group:
+            cleanup_distributed()
+
+
+def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
+    out = Path(cfg.output_dir)
+    resume = resume_folder(cfg)
+
+    # -- setup: data files, model, tokenizer, dataset ------------------------------------------------------
+    check_config(cfg)
+    root = cfg.data.image_root or str(Path(cfg.data.path).parent)
+    records = read_records(cfg.data.format, cfg.data.path, cfg.data.annotations)
+    check_images(records, root, cfg.data.path)  # wrong files fail here, before the model is built
+    if cfg.data.format in ("vqa", "vqav2") and cfg.prompt is not None and "{}" not in cfg.prompt:
+        raise ConfigError(f"VQA data needs a prompt template with {{}} for the question, got {cfg.prompt!r}")
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    model, folder = build_model(cfg)
+    tokenizer = load_tokenizer(cfg, folder, model)
+    encoder_decoder = model.config.language.is_encoder_decoder
+    dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
+                            train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text)
+    loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
+                                  cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+
+    # -- setup: optimisation, resume --------------------------------------------------------------------------
+    model.to(env.device).train()
+    step, micro, skipped = 0, 0, 0
+    state = None
+    if resume is not None:
+        weights, state = ckpt.load_checkpoint(resume)
+        ckpt.load_trainable(model, weights)
+        step, micro = int(state["step"]), int(state["micro_batches"])
+        skipped = int(state.get("skipped_images", 0)) if env.is_main else 0  # a global count: summed over ranks
+    objective = wrap_ddp(Stage2Objective(model), env, cfg.find_unused_parameters)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr, cfg.warmup_lr)
+    scaler = grad_scaler(cfg.precision, env.device)
+    seed_everything(cfg.seed + 1 + env.rank)  # dropout: different on every rank
+    if state is not None:
+        restore_training_state(state, env, optimizer, scheduler, scaler, {}, to_dict(cfg))
+        log.info("resumed from %s at step %d", resume, step)
+
+    def save(at: int) -> Path:
+        extra = {"skipped_images": sum_over_ranks(skipped, env), "config": to_dict(cfg)}
+        st = training_state(env, optimizer, scheduler, scaler, micro, {}, extra)
+        path = out / "checkpoints" / ckpt.checkpoint_name(at)
+        if env.is_main:
+            path = ckpt.save_checkpoint(out / "checkpoints", at, ckpt.trainable_state(model), st, cfg.keep_last)
+        barrier(env)
+        return path
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+    logger = MetricsLogger(out, enabled=env.is_main, tensorboard=cfg.tensorboard,
+                           resume_step=step if resume is not None else None)
+    result = TrainResult(out, first_step=step, last_step=step)
+    batches = micro_batches(loader, sampler, start=micro)
+    global_batch = cfg.batch_size * env.world_size * cfg.grad_accum
+    speed, started = Throughput(), time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc="stage 2", unit="step", disable=not (cfg.progress and env.is_main))
+    while step < end:
+        total = 0.0
+        for k in range(cfg.grad_accum):
+            batch = next(batches)
+            micro += 1
+            skipped += batch["skipped"]
+            text = text_batch(batch, tokenizer, cfg, encoder_decoder, micro)
+            dec_mask = text.decoder_attention_mask.to(env.device) if text.decoder_attention_mask is not None else None
+            with no_sync(objective, sync=k == cfg.grad_accum - 1):
+                with autocast(cfg.precision, env.device):
+                    loss = objective(batch["pixels"].to(env.device), text.input_ids.to(env.device),
+                                     text.attention_mask.to(env.device), text.labels.to(env.device), dec_mask)
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = clip_and_step(model, optimizer, scaler, cfg.grad_clip)
+        scheduler.step()
+        step += 1
+
+        total = mean_over_ranks({"loss": total}, env)["loss"]  # this step's loss on the global batch
+        result.losses.append(total)
+        samples_per_s = speed.update(global_batch)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
+        if step % cfg.log_every == 0 or step == end:
+            record = {"loss": total, "lr": lr, "samples_per_s": samples_per_s,
+                      "epoch": micro // sampler.batches_per_epoch, "skipped_images": sum_over_ranks(skipped, env)}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            logger.log(step, record)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == end:
+            result.checkpoint = save(step)
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    # -- save --------------------------------------------------------------------------------------------------
+    result.last_step = step
+    result.skipped_images = sum_over_ranks(skipped, env)
+    if result.skipped_images:
+        log.warning("%d unreadable image(s) were skipped (replaced by the next readable item)", result.skipped_images)
+    done = step - result.first_step
+    result.steps_per_s = done / elapsed if done else 0.0
+    result.samples_per_s = result.steps_per_s * global_batch
+    logger.close()
+    if env.is_main:
+        if cfg.export and step == cfg.steps:
+            result.final_dir = save_model(model, out / "final", tokenizer=tokenizer)
+        if cfg.plot and logger.path.exists():
+            result.plot = plot_losses(read_metrics(logger.path), out / "loss.png", title="stage 2")
+    barrier(env)
+    model.eval()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(Stage2Config, argv, prog="blip2 train stage2", description=__doc__.split("\n\n")[0])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = run(cfg)
+    except (ConfigError, ModelConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
+        print(f"blip2 train stage2: error: {err}", file=sys.stderr)
+        return 1
+    if result.losses:
+        print(f"stage 2: steps {result.first_step}->{result.last_step}, loss {result.losses[0]:.4f} -> "
+              f"{result.losses[-1]:.4f}, {result.samples_per_s:.1f} samples/s; output in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
