@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import tiny_models as tm
-from blip2.data.feature_cache import FeatureCache, FeatureCacheError
+from blip2.data.feature_cache import FeatureCache, FeatureCacheError, encoder_fingerprint
 from blip2.data.images import ImageProcessor
 from blip2.models.blip2 import Blip2Model
-from blip2.recipes.cache_features import cache_features, encoder_fingerprint
+from blip2.recipes.cache_features import cache_features
 
 
 def test_cache_equals_encoder(tmp_path):

@@ -124,3 +124,34 @@ def test_stage1_bf16_workers_tensorboard_clipping(tmp_path, tokenizers):
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert "grad_norm" in read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_stage1_reads_the_feature_cache(tmp_path):
+    """Training from cached frozen features equals training from pixels with the eval transform (fp16
+    storage aside): the same losses within float16 rounding."""
+    import json
+
+    from blip2.recipes import stage1
+    from blip2.training.config import parse_args
+    from blip2.recipes.cache_features import cache_features
+
+    names = []
+    for i, im in enumerate(tm.images(4, size=30)):
+        im.save(tmp_path / f"{i}.png")
+        names.append(f"{i}.png")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": n, "text": t}) + "\n" for n, t in
+                                                  zip(names, ["a red circle", "a blue square", "two cats", "a dog"])))
+    tok = tmp_path / "tok"
+    tm.word_tokenizer("bert").save_pretrained(tok)
+    base = [f"model={json.dumps(tm.our_config(None).to_dict())}", f"qformer_tokenizer={tok}",
+            f"data.path={tmp_path / 'pairs.jsonl'}", "data.augment=false", "steps=3", "batch_size=4", "lr=1e-3",
+            "progress=false", "plot=false", "save_every=0", "seed=0", "device=cpu"]
+    plain = stage1.run(parse_args(stage1.Stage1Config, base + [f"output_dir={tmp_path / 'a'}"], prog="t"))
+    from blip2.convert.checkpoint import load_model
+
+    model, _ = load_model(tmp_path / "a" / "final")
+    cache = cache_features(model, tmp_path, names, tmp_path / "cache", progress=False)
+    cached = stage1.run(parse_args(stage1.Stage1Config, base + [f"output_dir={tmp_path / 'b'}", f"data.feature_cache={cache}"], prog="t"))
+    assert len(plain.losses) == len(cached.losses) == 3
+    for a, b in zip(plain.losses, cached.losses):
+        assert abs(a - b) < 1e-2

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from blip2.data.feature_cache import FeatureCache
 from blip2.data.images import ImageError, ImageSettings, eval_resize, load_image, normalize, train_transform
 
 log = logging.getLogger("blip2.data")
@@ -193,9 +194,13 @@ class _ImageRecords(torch.utils.data.Dataset):
     """Records with an "image" path; yields dicts with the processed pixels. Subclasses add the text."""
 
     def __init__(self, records: list[dict[str, Any]], image_root: str | os.PathLike, image: ImageSettings,
-                 train: bool = True, seed: int = 0, name: str = "dataset"):
+                 train: bool = True, seed: int = 0, name: str = "dataset", features: FeatureCache | None = None):
         if not records:
             raise DatasetError(f"{name} has no items")
+        if features is not None and train:
+            raise DatasetError("a feature cache holds un-augmented features: set data.augment=false to use it")
+        # Cached frozen features (N, D) replace the pixels; items carry them under "pixels" all the same.
+        self.features = features
         self.records, self.root, self.image = records, Path(image_root), image
         self.train, self.seed, self.name = train, seed, name
         self.bad_files: set[str] = set()  # in this process; DataLoader workers count through `skipped`
@@ -214,6 +219,10 @@ class _ImageRecords(torch.utils.data.Dataset):
         return random.Random(f"{self.seed}:{epoch}:{index}")  # str seeds are hashed with SHA-512: stable
 
     def _pixels(self, rec: dict[str, Any], rng: random.Random) -> torch.Tensor:
+        if self.features is not None:
+            if rec["image"] not in self.features:
+                raise DatasetError(f"{rec['image']} is not in the feature cache {self.features.folder}")
+            return self.features[rec["image"]]  # (N, D) float16
         rgb = load_image(self.root / rec["image"])
         out = train_transform(rgb, self.image, rng) if self.train else eval_resize(rgb, self.image)
         return normalize([out], self.image)[0]  # (3, S, S)
@@ -248,8 +257,9 @@ class _ImageRecords(torch.utils.data.Dataset):
 class ImageTextDataset(_ImageRecords):
     """Image-caption pairs -> {"pixels" (3, S, S), "text", "image_id", "index", "skipped"}."""
 
-    def __init__(self, records, image_root, image, train=True, seed=0, name="dataset", clean_text: bool = True):
-        super().__init__(records, image_root, image, train, seed, name)
+    def __init__(self, records, image_root, image, train=True, seed=0, name="dataset", clean_text: bool = True,
+                 features: FeatureCache | None = None):
+        super().__init__(records, image_root, image, train, seed, name, features)
         for i, rec in enumerate(records):
             if "texts" not in rec:
                 raise DatasetError(f"{name}: record {i} has no caption ('texts'); is this a VQA file?")
@@ -266,8 +276,9 @@ class ImageTextDataset(_ImageRecords):
 class VQADataset(_ImageRecords):
     """Questions with answers -> {"pixels", "question", "answer", "answers", "image_id", "index", "skipped"}."""
 
-    def __init__(self, records, image_root, image, train=True, seed=0, name="dataset", clean_text: bool = True):
-        super().__init__(records, image_root, image, train, seed, name)
+    def __init__(self, records, image_root, image, train=True, seed=0, name="dataset", clean_text: bool = True,
+                 features: FeatureCache | None = None):
+        super().__init__(records, image_root, image, train, seed, name, features)
         for i, rec in enumerate(records):
             if "question" not in rec or "answers" not in rec:
                 raise DatasetError(f"{name}: record {i} has no question/answers; is this a caption file?")
@@ -322,13 +333,13 @@ def check_images(records: list[dict[str, Any]], image_root: str | os.PathLike, n
 def build_dataset(
     fmt: str, path: str | os.PathLike, image_root: str | os.PathLike, image: ImageSettings, *,
     annotations: str | os.PathLike | None = None, train: bool = True, seed: int = 0, clean_text: bool = True,
-    records: list[dict[str, Any]] | None = None,
+    records: list[dict[str, Any]] | None = None, features: FeatureCache | None = None,
 ) -> ImageTextDataset | VQADataset:
     """One of FORMATS -> its dataset (`records`: already read with `read_records`)."""
     name = f"{fmt} dataset {path}"
     records = records if records is not None else read_records(fmt, path, annotations)
     cls = VQADataset if fmt in ("vqa", "vqav2") else ImageTextDataset
-    return cls(records, image_root, image, train, seed, name, clean_text)
+    return cls(records, image_root, image, train, seed, name, clean_text, features)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

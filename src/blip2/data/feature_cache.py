@@ -13,6 +13,7 @@ without index.json is an unfinished cache and is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -27,6 +28,18 @@ VERSION = 1
 
 class FeatureCacheError(ValueError):
     """A cache folder that is missing, unfinished, or made by another encoder."""
+
+
+def encoder_fingerprint(model) -> str:
+    """Names a Blip2Model's frozen encoder and its preprocessing, so a cache is never read by another
+    encoder (`data` does not import `models`: the model is only duck-typed here)."""
+    cfg = model.config.vision
+    digest = hashlib.sha1(repr((cfg.kind, cfg.pretrained, cfg.feature_layer, cfg.image)).encode())
+    params = [p for n, p in model.vision_model.named_parameters() if not n.startswith("post_layernorm")]
+    for p in params[:2] + params[-2:]:
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return f"{cfg.kind}:{digest.hexdigest()[:16]}"
+
 
 
 class FeatureCacheWriter:
@@ -96,6 +109,11 @@ class FeatureCache:
         self.shards = index["shards"]
         self.starts = np.array([s["start"] for s in self.shards])
         self._arrays: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def for_model(cls, folder: str | os.PathLike | None, model) -> FeatureCache | None:
+        """The cache at `folder` (None or "" -> None), refused unless made by `model`'s frozen encoder."""
+        return cls(folder, encoder_fingerprint(model)) if folder else None
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -7,7 +7,6 @@ features are those before the trainable post-LN, so the cache stays valid while 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,19 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from blip2.data.feature_cache import FeatureCacheWriter
+from blip2.data.feature_cache import FeatureCacheWriter, encoder_fingerprint
 from blip2.data.images import ImageProcessor
 from blip2.models.blip2 import Blip2Model
-
-
-def encoder_fingerprint(model: Blip2Model) -> str:
-    """Names the frozen encoder and its preprocessing, so a cache is never read by another encoder."""
-    cfg = model.config.vision
-    digest = hashlib.sha1(repr((cfg.kind, cfg.pretrained, cfg.feature_layer, cfg.image)).encode())
-    params = [p for n, p in model.vision_model.named_parameters() if not n.startswith("post_layernorm")]
-    for p in params[:2] + params[-2:]:
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return f"{cfg.kind}:{digest.hexdigest()[:16]}"
 
 
 @torch.no_grad()

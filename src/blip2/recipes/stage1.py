@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from blip2.convert.checkpoint import CheckpointError, init_model, load_model, save_model
+from blip2.data.feature_cache import FeatureCache
 from blip2.data.datasets import DatasetError, build_dataset, check_images, collate, read_records
 from blip2.data.text import DEC_TOKEN, dec_token_id, tokenize_qformer
 from blip2.models.blip2 import Blip2Model
@@ -127,7 +128,8 @@ class Stage1Objective(nn.Module):
         self.model, self.dec_id, self.env, self.generator, self.gather_grad = model, dec_id, env, generator, gather_grad
 
     def forward(self, pixels, input_ids, attention_mask, image_ids=None) -> dict[str, torch.Tensor]:
-        feats = self.model.encode_image(pixels)  # (B, N, Dv), frozen tower + trainable ln_vision
+        # Pixels (B, 3, S, S) run the frozen tower; cached frozen features (B, N, Dv) skip it.
+        feats = self.model.image_features_from_cache(pixels) if pixels.ndim == 3 else self.model.encode_image(pixels)  # (B, N, Dv), frozen tower + trainable ln_vision
         return self.model.stage1_losses(
             feats, input_ids, attention_mask, self.dec_id, self.env.world_size, self.env.rank,
             image_ids=image_ids, generator=self.generator, gather_grad=self.gather_grad,
@@ -174,7 +176,8 @@ def _train(cfg: Stage1Config, env: DistEnv) -> TrainResult:
     tokenizer = load_tokenizer(cfg, folder, model.config.qformer.vocab_size)
     dec_id = dec_token_id(tokenizer)
     dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
-                            train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text)
+                            train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text,
+                            features=FeatureCache.for_model(cfg.data.feature_cache, model))
     loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
                                   cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 

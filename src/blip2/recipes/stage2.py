@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from blip2.convert.checkpoint import CheckpointError, init_model, load_model, save_model
 from blip2.data.collate import LMBatch, decoder_only_batch, encoder_decoder_batch, split_caption
+from blip2.data.feature_cache import FeatureCache
 from blip2.data.datasets import DatasetError, build_dataset, check_images, collate, read_records
 from blip2.data.text import vqa_template
 from blip2.models.blip2 import Blip2Model
@@ -187,7 +188,8 @@ class Stage2Objective(nn.Module):
         self.model = model
 
     def forward(self, pixels, input_ids, attention_mask, labels, decoder_attention_mask=None) -> torch.Tensor:
-        feats = self.model.encode_image(pixels)  # (B, N, Dv)
+        # Pixels (B, 3, S, S) run the frozen tower; cached frozen features (B, N, Dv) skip it.
+        feats = self.model.image_features_from_cache(pixels) if pixels.ndim == 3 else self.model.encode_image(pixels)  # (B, N, Dv)
         kw = {} if decoder_attention_mask is None else {"decoder_attention_mask": decoder_attention_mask}
         return self.model.lm_loss(feats, input_ids, attention_mask, labels, **kw)
 
@@ -257,7 +259,8 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     tokenizer = load_tokenizer(cfg, folder, model)
     encoder_decoder = model.config.language.is_encoder_decoder
     dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
-                            train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text)
+                            train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text,
+                            features=FeatureCache.for_model(cfg.data.feature_cache, model))
     loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
                                   cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 

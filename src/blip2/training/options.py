@@ -20,6 +20,7 @@ class DataConfig:
     max_text_len: int = 32  # tokens (REFERENCE §1, §3: max_txt_len 32)
     clean_text: bool = True  # LAVIS caption/question normalisation (data/datasets.py)
     augment: bool = True  # RandomResizedCrop(0.5-1) + flip; false = the eval resize
+    feature_cache: str = ""  # a `blip2 cache-features` folder: read frozen features instead of images
     num_workers: int = 0  # DataLoader worker processes per rank
 
 
