@@ -330,6 +330,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args, load=lambda: _load(args), generation=generation)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from blip2.recipes import run_recipe
+
+    return run_recipe(args.recipe, args.rest)
+
+
+def cmd_cache_features(args: argparse.Namespace) -> int:
+    from blip2.recipes import run_recipe
+
+    return run_recipe("cache-features", args.rest)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if not Path(args.src).is_file():
         raise CliError(f"LAVIS checkpoint {args.src} does not exist (give the .pth file)")
@@ -429,6 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     from blip2.eval.command import add_eval_parser  # standard library only, like this file
 
     add_eval_parser(sub, model, gen, cmd_eval)
+
+    text = "Train the bridge with a recipe (stage1, stage2); its own --help lists the settings."
+    p = add("train", cmd_train, text, [])
+    p.add_argument("recipe", choices=["stage1", "stage2"], help="which recipe to run")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
+                   help="--config FILE [--resume [PATH]] [key=value ...]")
+    text = ("Run the frozen image encoder once over a dataset's images and store its outputs, for training "
+            "with data.augment=false data.feature_cache=FOLDER.")
+    p = add("cache-features", cmd_cache_features, text, [])
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
+                   help="--model M --data FILE|easy-vqa:train --out FOLDER [--format pairs|coco|vqa] (see --help)")
 
     text = "Convert a LAVIS .pth checkpoint into a folder that blip2 (and transformers) loads."
     p = add("convert", cmd_convert, text, [])

@@ -112,7 +112,7 @@ def _texts(value: Any, where: str) -> list[str]:
 
 
 def read_pairs_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """{"image", "text": str | [str]} per line -> records {"image", "texts"}."""
+    """{"image", "text": str | [str], optional "image_id"} per line -> records {"image", "texts"[, "image_id"]}."""
     path = Path(path)
     records = []
     for number, row in _read_jsonl(path):
@@ -120,7 +120,10 @@ def read_pairs_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         if "image" not in row or "text" not in row:
             hint = " (a VQA file? use the vqa format)" if "question" in row else ""
             raise DatasetError(f"{where} needs keys 'image' and 'text', has {sorted(row)}{hint}")
-        records.append({"image": str(row["image"]), "texts": _texts(row["text"], where)})
+        rec: dict[str, Any] = {"image": str(row["image"]), "texts": _texts(row["text"], where)}
+        if "image_id" in row:  # items sharing an id are all ITC positives of each other (REFERENCE §2)
+            rec["image_id"] = row["image_id"]
+        records.append(rec)
     return records
 
 

@@ -11,6 +11,8 @@ import importlib
 RECIPES = {
     "stage1": "blip2.recipes.stage1",
     "stage2": "blip2.recipes.stage2",
+    "cache-features": "blip2.recipes.cache_features",
+    "default-model": "blip2.recipes.default_model",
 }
 
 

@@ -9,7 +9,7 @@ Decoder-only LLMs (OPT, Llama) read [soft prompt; BOS prompt target EOS] and lea
 LLMs (T5) read [soft prompt; prompt] and decode the target (data/collate.py has the details). Caption data
 trains with `prompt` ("" for pretraining, "a photo of" for caption fine-tuning; T5 without a prompt splits
 each caption into prefix and suffix); VQA data trains on `prompt.format(question)` -> the most frequent
-answer, with the paper's template by default.
+answer, with the paper's template by default; a VQA record with an empty question is a caption (no template).
 
 The model comes from (a) `init_from` a stage-1 checkpoint plus `language` (an LLM config: its Q-Former,
 queries and ln_vision are taken, the LLM and a fresh projection added), (b) `init_from` a stage-2
@@ -79,6 +79,9 @@ class Stage2Config(TrainConfig):
     tokenizer: str | None = None  # the LLM's tokenizer folder; default: init_from's, or language.pretrained
     prompt: str | None = None  # captions: "" (default) or e.g. "a photo of"; VQA: a template with {}
     append_eos: bool = True  # decoder-only targets end with the tokenizer's EOS, so generation learns to stop
+    # Train only the language projection: the stage-1 Q-Former, queries, ln_vision and ITC/ITM/ITG heads stay
+    # as they are (and are kept), so one model both talks through the LLM and matches/retrieves.
+    freeze_qformer: bool = False
     lr: float = 1e-4
     min_lr: float = 5e-5  # paper: stage-2 minimum lr 5e-5 (REFERENCE §5)
 
@@ -98,10 +101,13 @@ def stage2_from_stage1(stage1: Blip2Model, cfg: Stage2Config) -> Blip2Model:
         mcfg = model_config(cfg.model)
     elif cfg.language is not None:
         base = stage1.config
-        mcfg = dataclasses.replace(
-            base, language=LanguageConfig.from_dict(cfg.language), stage1_heads=False, itg_head=False,
-            qformer=dataclasses.replace(base.qformer, use_text_input=False),
-        )
+        if cfg.freeze_qformer:  # keep the stage-1 text side and heads: they stay valid
+            mcfg = dataclasses.replace(base, language=LanguageConfig.from_dict(cfg.language))
+        else:
+            mcfg = dataclasses.replace(
+                base, language=LanguageConfig.from_dict(cfg.language), stage1_heads=False, itg_head=False,
+                qformer=dataclasses.replace(base.qformer, use_text_input=False),
+            )
     else:
         raise ConfigError("init_from is a stage-1 checkpoint: also give `language` (the LLM's config) or `model`")
     if mcfg.language is None:
@@ -155,6 +161,9 @@ def build_model(cfg: Stage2Config) -> tuple[Blip2Model, Path | None]:
             model = base
     if model.config.language is None:
         raise ConfigError("stage 2 needs a model with a language model")
+    if cfg.freeze_qformer:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("language_projection."))
     return model, folder
 
 
@@ -180,6 +189,17 @@ def load_tokenizer(cfg: Stage2Config, folder: Path | None, model: Blip2Model):
     return tokenizer
 
 
+def qformer_tokenizer(cfg: Stage2Config, model: Blip2Model):
+    """The Q-Former's BERT tokenizer, saved beside the LLM's when the model keeps its stage-1 heads."""
+    if not model.config.stage1_heads or cfg.init_from is None:
+        return None
+    from transformers import AutoTokenizer
+
+    folder = Path(cfg.init_from)
+    source = folder / "qformer_tokenizer" if (folder / "qformer_tokenizer").is_dir() else folder
+    return AutoTokenizer.from_pretrained(str(source)) if (source / "tokenizer_config.json").exists() else None
+
+
 class Stage2Objective(nn.Module):
     """One forward = the LM loss of a batch, through the soft prompt. A module, so DDP's hooks see it."""
 
@@ -201,7 +221,9 @@ def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_deco
         template = cfg.prompt if cfg.prompt is not None else vqa_template(encoder_decoder)
         if "{}" not in template:
             raise ConfigError(f"VQA data needs a prompt template with {{}} for the question, got {template!r}")
-        prompts, targets = [template.format(q) for q in batch["question"]], list(batch["answer"])
+        # An empty question marks a caption record: the LLM reads only the soft prompt (mixed caption+VQA data).
+        prompts = [template.format(q) if q else "" for q in batch["question"]]
+        targets = list(batch["answer"])
     elif cfg.prompt:
         prompts, targets = [cfg.prompt] * n, list(batch["text"])
     elif encoder_decoder:  # prefix LM: a random split of each caption, seeded by item and position
@@ -347,7 +369,8 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     logger.close()
     if env.is_main:
         if cfg.export and step == cfg.steps:
-            result.final_dir = save_model(model, out / "final", tokenizer=tokenizer)
+            result.final_dir = save_model(model, out / "final", tokenizer=tokenizer,
+                                          qformer_tokenizer=qformer_tokenizer(cfg, model))
         if cfg.plot and logger.path.exists():
             result.plot = plot_losses(read_metrics(logger.path), out / "loss.png", title="stage 2")
     barrier(env)

@@ -1,0 +1,113 @@
+"""`make default-model`: train the embedded default model with our own recipes, from PyPI packages only.
+
+    python -m blip2.recipes.default_model [--work runs/default] [--stage1-steps N] [--stage2-steps N] [--resume]
+
+1. data:   easy-VQA *train* split only (never test): captions "a {colour} {shape}" derived from each image's
+           answers (one ITC class per colour-shape pair, so same-caption images are positives), and the
+           38,575 questions with their answers, mixed with the captions for stage 2.
+2. cache:  EfficientNet-Lite0 runs once over the 4,000 train images (augmentation off).
+3. stage 1 (configs/default_stage1.yaml): ITC + ITM + ITG; Q-Former initialised from all-MiniLM-L6-v2.
+4. stage 2 (configs/default_stage2.yaml): SmolLM2-135M-Instruct (GGUF) frozen; only the language projection
+           trains (`freeze_qformer`), so the final model keeps the stage-1 heads for itm/retrieve.
+5. export: the trainable weights (float16) + config + tokenizers into src/blip2/default/.
+
+Every stage resumes from its checkpoints (`--resume`), so a run cut off at any point continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from blip2.eval import easy_vqa
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIGS = ROOT / "configs"
+PACKAGE_DEFAULT = Path(__file__).resolve().parents[1] / "default"
+
+
+def write_data(work: Path) -> dict[str, Path]:
+    """Train-split annotation files: captions.jsonl (stage 1) and stage2.jsonl (questions + captions)."""
+    work.mkdir(parents=True, exist_ok=True)
+    labels = easy_vqa.image_labels("train")
+    texts = easy_vqa.all_caption_texts()
+    qs = easy_vqa.questions("train")
+    paths = {q.image_id: Path(q.image) for q in qs}
+    captions = work / "captions.jsonl"
+    with captions.open("w") as f:
+        for image_id, (colour, shape) in sorted(labels.items()):
+            text = easy_vqa.caption_text(colour, shape)
+            f.write(json.dumps({"image": paths[image_id].name, "text": text, "image_id": texts.index(text)}) + "\n")
+    stage2 = work / "stage2.jsonl"
+    with stage2.open("w") as f:
+        for q in qs:
+            f.write(json.dumps({"image": Path(q.image).name, "question": q.question, "answers": [q.answer]}) + "\n")
+        for image_id, (colour, shape) in sorted(labels.items()):  # an empty question = a caption record
+            f.write(json.dumps({"image": paths[image_id].name, "question": "", "answers": [easy_vqa.caption_text(colour, shape)]}) + "\n")
+    return {"captions": captions, "stage2": stage2, "images": paths[next(iter(paths))].parent}
+
+
+def export(stage2_final: Path, target: Path = PACKAGE_DEFAULT) -> Path:
+    """Copy a trained default model into the package: trainable weights as float16 safetensors (the repo
+    stays lean), config, tokenizers. Frozen parts stay referenced by their packages."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    for item in stage2_final.iterdir():
+        if item.name == "model.safetensors":
+            state = load_file(item)
+            half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+            save_file(half, target / item.name, metadata={"format": "pt"})
+        elif item.is_dir():
+            shutil.copytree(item, target / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target / item.name)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m blip2.recipes.default_model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="runs/default", help="working folder (data, cache, runs)")
+    parser.add_argument("--stage1-steps", type=int, default=None, help="override configs/default_stage1.yaml steps")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="override configs/default_stage2.yaml steps")
+    parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
+    parser.add_argument("--skip-export", action="store_true", help="do not copy the result into the package")
+    parser.add_argument("--only", choices=["data", "cache", "stage1", "stage2", "export"], default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+
+    from blip2.recipes import run_recipe
+
+    work = Path(args.work)
+    steps = lambda n: [f"steps={n}"] if n else []  # noqa: E731
+    resume = ["--resume"] if args.resume else []
+    files = write_data(work)
+    cache = work / "features-train"
+    if args.only in (None, "cache") and not (cache / "index.json").exists():
+        code = run_recipe("cache-features", ["--model", "preset:default", "--data", str(files["captions"]),
+                                             "--image-root", str(files["images"]), "--out", str(cache)])
+        if code:
+            return code
+    common = ["data.augment=false", f"data.feature_cache={cache}", f"data.image_root={files['images']}"]
+    if args.only in (None, "stage1"):
+        code = run_recipe("stage1", ["--config", str(CONFIGS / "default_stage1.yaml"), *resume, *common,
+                                     f"data.path={files['captions']}", f"output_dir={work / 'stage1'}", *steps(args.stage1_steps)])
+        if code:
+            return code
+    if args.only in (None, "stage2"):
+        code = run_recipe("stage2", ["--config", str(CONFIGS / "default_stage2.yaml"), *resume, *common,
+                                     f"data.path={files['stage2']}", f"init_from={work / 'stage1' / 'final'}",
+                                     f"output_dir={work / 'stage2'}", *steps(args.stage2_steps)])
+        if code:
+            return code
+    if args.only in (None, "export") and not args.skip_export:
+        print(f"default model exported to {export(work / 'stage2' / 'final')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
