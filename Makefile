@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test bench clean
+.PHONY: install test bench demo default-model clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,16 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -n 2 tests
+
+# The main job on the embedded default model: captions and answers about the bundled example images.
+demo: install
+	$(BIN)/blip2 caption examples/*.png --model default
+	$(BIN)/blip2 ask examples/easy-vqa-test-0.png "what shape is this?" "what color is the shape?" "is there a circle?" --model default
+	$(BIN)/blip2 retrieve "a yellow circle" --images examples --model default -k 2
+
+# Re-train the default model with our recipes (easy-VQA train split), then export it into src/blip2/default.
+default-model: install
+	$(BIN)/python -m blip2.recipes.default_model --work runs/default --resume
 
 bench: install
 	$(BIN)/python benchmarks/bench_inference.py
