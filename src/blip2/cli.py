@@ -442,9 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub, model, gen, cmd_eval)
 
-    text = "Train the bridge with a recipe (stage1, stage2); its own --help lists the settings."
+    text = ("Train the bridge with a recipe: stage1, stage2, or the paper fine-tunes caption, vqa, retrieval "
+            "(stage2/stage1 with configs/finetune_*.yaml first); its own --help lists the settings.")
     p = add("train", cmd_train, text, [])
-    p.add_argument("recipe", choices=["stage1", "stage2"], help="which recipe to run")
+    p.add_argument("recipe", choices=["stage1", "stage2", "caption", "vqa", "retrieval"], help="which recipe to run")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
                    help="--config FILE [--resume [PATH]] [key=value ...]")
     text = ("Run the frozen image encoder once over a dataset's images and store its outputs, for training "

@@ -130,9 +130,9 @@ def test_eval_vqa_batches_share_image_encodings(files, monkeypatch):
     model = blip2.load(files["opt"], batch_size=7)
     per_question = model._soft_prompts([it.image for it in items])  # (7, Q, H): every image encoded again
     encoded, generated = [], []
-    soft_prompts, generate = model._soft_prompts, model._generate
-    monkeypatch.setattr(model, "_soft_prompts",
-                        lambda images: encoded.append(len(images)) or soft_prompts(images))
+    encode_images, generate = model.encode_images, model._generate
+    monkeypatch.setattr(model, "encode_images",
+                        lambda images: encoded.append(len(images)) or encode_images(images))
     monkeypatch.setattr(model, "_generate", lambda soft, prompts, gen: generated.append((soft, prompts))
                         or generate(soft, prompts, gen))
     answers, template, gen = predict_answers(model, items, {"num_beams": 1, "max_new_tokens": 3})

@@ -122,3 +122,24 @@ def test_stage2_fp16_with_accumulation(tmp_path, stage1_folder, tokenizers):
                  precision="fp16", grad_accum=2, batch_size=2, steps=2, export=False, plot=False)
     result = run(cfg)  # loss scaling: the first steps may be skipped while the scale settles, never NaN
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_question_to_qformer_end_to_end(tmp_path, stage1_folder, tokenizers):
+    """The question also goes to the Q-Former (REFERENCE §5 VQA fine-tune): trained that way, saved with both
+    tokenizers, and at inference each question gets its own soft prompt while the image is encoded once."""
+    cfg = config(tmp_path, init_from=str(stage1_folder), language=language("opt"), tokenizer=str(tokenizers["opt"]),
+                 data=DataConfig(format="vqa", path=str(write_vqa(tmp_path, 8))), question_to_qformer=True)
+    result = run(cfg)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    model = blip2.load(result.final_dir)
+    assert model.model.config.question_to_qformer and model.qformer_tokenizer is not None
+    feats = model.encode_images([str(tmp_path / "images" / "001.png")])
+    two = model.soft_prompts(feats.expand(2, -1, -1), ["what color is this ?", "what shape is this ?"])
+    assert not torch.allclose(two[0], two[1])  # the queries read the question
+    image = str(tmp_path / "images" / "001.png")
+    questions = ["what color is this ?", "what shape is this ?"]
+    batched = model.ask(image, questions, num_beams=1, max_new_tokens=3)
+    assert batched == [model.ask(image, q, num_beams=1, max_new_tokens=3)[0] for q in questions]
+    chat = model.chat(image, num_beams=1, max_new_tokens=3)
+    assert chat.ask(questions[0]) == batched[0]
+    assert len(model.caption(image, num_beams=1, max_new_tokens=3)) == 1

@@ -313,6 +313,9 @@ def read_records(
         if annotations is None:
             raise DatasetError("the vqav2 format needs the annotations file as well as the questions file")
         return read_vqav2(path, annotations)
+    if fmt == "webdataset":
+        raise DatasetError("the webdataset format streams tar shards (blip2.data.webdataset.webdataset_loader), it "
+                           "has no annotation records: this recipe does not read it")
     raise DatasetError(f"unknown dataset format {fmt!r} (known: {', '.join(FORMATS)})")
 
 

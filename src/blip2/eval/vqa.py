@@ -44,11 +44,12 @@ def predict_answers(model, items: Sequence[VQAItem], generation: dict[str, Any] 
     with progress_bar(len(items), "vqa", "question", progress) as bar:
         for chunk in chunks(items, model.batch_size):
             images = list(dict.fromkeys(it.image for it in chunk))  # each image once, in order
-            soft = model._soft_prompts(images)  # (U, Q, H)
-            index = torch.tensor([images.index(it.image) for it in chunk], device=soft.device)
+            feats = model.encode_images(images)  # (U, N, Dv): each image once
+            index = torch.tensor([images.index(it.image) for it in chunk], device=feats.device)
             questions = [pre_question(it.question) if clean_questions else it.question for it in chunk]
+            soft = model.soft_prompts(feats[index], questions)  # (B, Q, H)
             prompts = [template.format(q) for q in questions]
-            answers += model._generate(soft[index], prompts, gen)  # soft[index]: (B, Q, H)
+            answers += model._generate(soft, prompts, gen)
             bar.update(len(chunk))
     return answers, template, {k: v for k, v in gen.items() if k != "pad_token_id"}
 

@@ -133,8 +133,20 @@ class Blip2:
         return self._decode(ids)
 
     @torch.no_grad()
-    def _soft_prompts(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return self.model.soft_prompt(self.encode_images(images))  # (B, Q, H)
+    def soft_prompts(self, feats: torch.Tensor, questions: Sequence[str] | None = None) -> torch.Tensor:
+        """Image features (B, N, Dv) -> soft prompts (B, Q, H). Models that feed the question to the Q-Former
+        read `questions` (one per row; "" or None for captions) here."""
+        if not self.model.config.question_to_qformer:
+            return self.model.soft_prompt(feats)
+        questions = list(questions) if questions is not None else [""] * feats.shape[0]
+        return self.model.soft_prompt(feats, self._qformer_text(questions))
+
+    def _soft_prompts(self, images: Sequence[ImageInput], questions: Sequence[str] | None = None) -> torch.Tensor:
+        """Soft prompts for images, each encoded once; one image with several questions is expanded."""
+        feats = self.encode_images(images)
+        if questions is not None and feats.shape[0] == 1 and len(questions) > 1:
+            feats = feats.expand(len(questions), -1, -1)
+        return self.soft_prompts(feats, questions)
 
     # -- generation ---------------------------------------------------------------------------------------
     def caption(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, **generation: Any) -> list[str]:
@@ -164,22 +176,23 @@ class Blip2:
         gen = self._generation(VQA_DEFAULTS, generation)
         prompts = [template.format(q) for q in questions]
         if len(images) == 1:
-            soft = self._soft_prompts(images)
-            return [
-                a
-                for chunk in _chunks(prompts, self.batch_size)
-                for a in self._generate(soft.expand(len(chunk), -1, -1), list(chunk), gen)
-            ]
-        out: list[str] = []
+            feats = self.encode_images(images)  # once, whatever the number of questions
+            out: list[str] = []
+            for start in range(0, len(questions), self.batch_size):
+                chunk = questions[start : start + self.batch_size]
+                soft = self.soft_prompts(feats.expand(len(chunk), -1, -1), chunk)
+                out += self._generate(soft, prompts[start : start + self.batch_size], gen)
+            return out
+        out = []
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
-            out += self._generate(self._soft_prompts(images[start:stop]), prompts[start:stop], gen)
+            out += self._generate(self._soft_prompts(images[start:stop], questions[start:stop]), prompts[start:stop], gen)
         return out
 
     def chat(self, image: ImageInput, **generation: Any) -> ChatSession:
         """A conversation about one image; the image is encoded here, once."""
         self._need_llm()
-        return ChatSession(self, self._soft_prompts([image]), self._generation(VQA_DEFAULTS, generation))
+        return ChatSession(self, self.encode_images([image]), self._generation(VQA_DEFAULTS, generation))
 
     # -- matching and retrieval ---------------------------------------------------------------------------
     def _qformer_text(self, texts: Sequence[str]):
@@ -285,14 +298,8 @@ class Blip2:
         if mode == "multimodal":
             if images is None:
                 raise ValueError("mode='multimodal' needs images")
-            from blip2.nn import masks
-
-            feats = self.encode_images(_as_list(images))
-            queries = self.model.query_tokens.expand(feats.shape[0], -1, -1)
-            embeds = torch.cat([queries, self.model.embeddings(ids).to(queries.dtype)], dim=1)
-            m = masks.bidirectional_mask(self.model.num_queries, mask, embeds.dtype)
-            hidden, _ = self.model.qformer(embeds, self.model.num_queries, image=feats, mask=m)
-            return {"multimodal_embeds": hidden[:, : self.model.num_queries]}
+            hidden = self.model.query_with_text(self.encode_images(_as_list(images)), ids, mask)
+            return {"multimodal_embeds": hidden}
         raise ValueError(f"unknown mode {mode!r} (image, text, multimodal)")
 
 
@@ -302,7 +309,7 @@ class ChatSession:
     history outgrows the LLM's context, the oldest turns are dropped (never the image) and a warning says so."""
 
     owner: Blip2
-    soft_prompt: torch.Tensor  # (1, Q, H)
+    image_feats: torch.Tensor  # (1, N, Dv): encoded once for the whole conversation
     generation: dict[str, Any]
     history: list[tuple[str, str]] = field(default_factory=list)
     dropped_turns: int = 0
@@ -310,7 +317,7 @@ class ChatSession:
     def _context_limit(self) -> int:
         cfg = self.owner.model.language_model.config
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        return int(limit) - self.soft_prompt.shape[1] - int(self.generation.get("max_new_tokens", 10))
+        return int(limit) - self.owner.model.num_queries - int(self.generation.get("max_new_tokens", 10))
 
     def _fit(self, question: str) -> str:
         tokenizer = self.owner.tokenizer
@@ -330,7 +337,9 @@ class ChatSession:
 
     def ask(self, question: str) -> str:
         prompt = self._fit(question)
-        answer = self.owner._generate(self.soft_prompt, [prompt], self.generation)[0]
+        # Models that feed the question to the Q-Former read this turn's question; the image is not re-encoded.
+        soft = self.owner.soft_prompts(self.image_feats, [question])
+        answer = self.owner._generate(soft, [prompt], self.generation)[0]
         self.history.append((question, answer))
         return answer
 

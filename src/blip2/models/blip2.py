@@ -183,14 +183,19 @@ class Blip2Model(nn.Module):
         text = self.text_itc_features(self.encode_text(input_ids, attention_mask))
         return losses.max_over_queries(image, text)
 
-    def itm_logits(self, image_feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pairs (image i, text i) -> (B, 2) logits, the 2-class head averaged over the query outputs."""
+    def query_with_text(self, image_feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The queries reading the image and a text together, both ways (the ITM mask) -> (B, Q, D)."""
         batch = input_ids.shape[0]
         queries = self.query_tokens.expand(batch, -1, -1)
         embeds = torch.cat([queries, self._text_side()(input_ids).to(queries.dtype)], dim=1)  # (B, Q+T, D)
         mask = masks.bidirectional_mask(self.num_queries, attention_mask, embeds.dtype)
         hidden, _ = self.qformer(embeds, self.num_queries, image=image_feats, mask=mask)
-        return self.itm_head(hidden[:, : self.num_queries].to(self.itm_head.weight.dtype)).mean(dim=1)
+        return hidden[:, : self.num_queries]
+
+    def itm_logits(self, image_feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pairs (image i, text i) -> (B, 2) logits, the 2-class head averaged over the query outputs."""
+        hidden = self.query_with_text(image_feats, input_ids, attention_mask)
+        return self.itm_head(hidden.to(self.itm_head.weight.dtype)).mean(dim=1)
 
     def itg_logits(self, query: QueryOutput, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[DEC]-led text attending to the cached queries, causal over itself -> (B, T, V)."""
@@ -247,20 +252,33 @@ class Blip2Model(nn.Module):
         return {"loss": loss_itc + loss_itm + loss_itg, "itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
 
     # -- stage 2: the frozen LLM --------------------------------------------------------------------------
-    def soft_prompt(self, image_feats: torch.Tensor) -> torch.Tensor:
-        """Image features -> queries -> LLM embedding space: (B, Q, H_llm) (REFERENCE §3)."""
-        hidden = self.query(image_feats).hidden
+    def soft_prompt(
+        self, image_feats: torch.Tensor, qformer_text: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Image features -> queries -> LLM embedding space: (B, Q, H_llm) (REFERENCE §3). With
+        `question_to_qformer`, `qformer_text` = (ids, mask) of the question in the Q-Former's tokenizer
+        ("" for captions): the queries read it together with the image."""
+        if self.config.question_to_qformer:
+            if qformer_text is None:
+                raise ValueError("this model feeds the question to the Q-Former: pass qformer_text=(ids, mask)")
+            hidden = self.query_with_text(image_feats, *qformer_text)
+        else:
+            hidden = self.query(image_feats).hidden
         return self.language_projection(hidden.to(self.language_projection.weight.dtype))
 
-    def lm_logits(self, image_feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return self.lm.logits(self.soft_prompt(image_feats), input_ids, attention_mask, **kw)
+    def lm_logits(
+        self, image_feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        qformer_text: tuple[torch.Tensor, torch.Tensor] | None = None, **kw: Any,
+    ) -> torch.Tensor:
+        return self.lm.logits(self.soft_prompt(image_feats, qformer_text), input_ids, attention_mask, **kw)
 
     def lm_loss(
-        self, image_feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **kw: Any
+        self, image_feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        qformer_text: tuple[torch.Tensor, torch.Tensor] | None = None, **kw: Any,
     ) -> torch.Tensor:
         """Stage-2 loss. Decoder-only: `input_ids` is the whole text, `labels` masks prompt/pad with -100.
         Encoder-decoder: `input_ids` is the prefix (encoder), `labels` the suffix (decoder target)."""
-        return self.lm.loss(self.soft_prompt(image_feats), input_ids, attention_mask, labels, **kw)
+        return self.lm.loss(self.soft_prompt(image_feats, qformer_text), input_ids, attention_mask, labels, **kw)
 
     @torch.no_grad()
     def generate(

@@ -153,10 +153,15 @@ class Blip2Config:
     stage1_heads: bool = False
     itg_head: bool = False
     image_token_index: int | None = None  # HF >= 4.47 places the queries on these placeholder tokens
+    # The question is also fed to the Q-Former, so the queries read it with the image before becoming the
+    # soft prompt (REFERENCE §5: BLIP-2's VQA fine-tune; InstructBLIP's instruction-aware queries).
+    question_to_qformer: bool = False
 
     def __post_init__(self) -> None:
-        if (self.stage1_heads or self.itg_head) and not self.qformer.use_text_input:
-            raise ConfigError("stage-1 heads need qformer.use_text_input=True (text embeddings and text FFN)")
+        if (self.stage1_heads or self.itg_head or self.question_to_qformer) and not self.qformer.use_text_input:
+            raise ConfigError(
+                "stage-1 heads and question_to_qformer need qformer.use_text_input=True (text embeddings, text FFN)"
+            )
         if self.num_query_tokens < 1:
             raise ConfigError("num_query_tokens must be >= 1")
 

@@ -82,6 +82,9 @@ class Stage2Config(TrainConfig):
     # Train only the language projection: the stage-1 Q-Former, queries, ln_vision and ITC/ITM/ITG heads stay
     # as they are (and are kept), so one model both talks through the LLM and matches/retrieves.
     freeze_qformer: bool = False
+    # Feed each question (or "" for a caption) to the Q-Former as well, so the queries read it with the image
+    # (REFERENCE §5, BLIP-2's VQA fine-tune). Needs a stage-1 checkpoint (its text side and tokenizer).
+    question_to_qformer: bool = False
     lr: float = 1e-4
     min_lr: float = 5e-5  # paper: stage-2 minimum lr 5e-5 (REFERENCE §5)
 
@@ -101,8 +104,9 @@ def stage2_from_stage1(stage1: Blip2Model, cfg: Stage2Config) -> Blip2Model:
         mcfg = model_config(cfg.model)
     elif cfg.language is not None:
         base = stage1.config
-        if cfg.freeze_qformer:  # keep the stage-1 text side and heads: they stay valid
-            mcfg = dataclasses.replace(base, language=LanguageConfig.from_dict(cfg.language))
+        if cfg.freeze_qformer or cfg.question_to_qformer:  # keep the stage-1 text side (and heads)
+            mcfg = dataclasses.replace(base, language=LanguageConfig.from_dict(cfg.language),
+                                       question_to_qformer=cfg.question_to_qformer)
         else:
             mcfg = dataclasses.replace(
                 base, language=LanguageConfig.from_dict(cfg.language), stage1_heads=False, itg_head=False,
@@ -191,7 +195,7 @@ def load_tokenizer(cfg: Stage2Config, folder: Path | None, model: Blip2Model):
 
 def qformer_tokenizer(cfg: Stage2Config, model: Blip2Model):
     """The Q-Former's BERT tokenizer, saved beside the LLM's when the model keeps its stage-1 heads."""
-    if not model.config.stage1_heads or cfg.init_from is None:
+    if not (model.config.stage1_heads or model.config.question_to_qformer) or cfg.init_from is None:
         return None
     from transformers import AutoTokenizer
 
@@ -207,11 +211,13 @@ class Stage2Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixels, input_ids, attention_mask, labels, decoder_attention_mask=None) -> torch.Tensor:
+    def forward(self, pixels, input_ids, attention_mask, labels, decoder_attention_mask=None,
+                qformer_ids=None, qformer_mask=None) -> torch.Tensor:
         # Pixels (B, 3, S, S) run the frozen tower; cached frozen features (B, N, Dv) skip it.
         feats = self.model.image_features_from_cache(pixels) if pixels.ndim == 3 else self.model.encode_image(pixels)  # (B, N, Dv)
         kw = {} if decoder_attention_mask is None else {"decoder_attention_mask": decoder_attention_mask}
-        return self.model.lm_loss(feats, input_ids, attention_mask, labels, **kw)
+        qtext = (qformer_ids, qformer_mask) if qformer_ids is not None else None
+        return self.model.lm_loss(feats, input_ids, attention_mask, labels, qformer_text=qtext, **kw)
 
 
 def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_decoder: bool, micro: int) -> LMBatch:
@@ -279,6 +285,9 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model, folder = build_model(cfg)
     tokenizer = load_tokenizer(cfg, folder, model)
+    qtokenizer = qformer_tokenizer(cfg, model) if model.config.question_to_qformer else None
+    if model.config.question_to_qformer and qtokenizer is None:
+        raise ConfigError("question_to_qformer needs the Q-Former's tokenizer: init_from a stage-1 checkpoint")
     encoder_decoder = model.config.language.is_encoder_decoder
     dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
                             train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text,
@@ -330,10 +339,17 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
             skipped += batch["skipped"]
             text = text_batch(batch, tokenizer, cfg, encoder_decoder, micro)
             dec_mask = text.decoder_attention_mask.to(env.device) if text.decoder_attention_mask is not None else None
+            qformer = {}
+            if qtokenizer is not None:  # the question ("" for captions) for the Q-Former, as at inference
+                questions = batch.get("question") or [""] * len(batch["index"])
+                enc = qtokenizer(list(questions), return_tensors="pt", padding="longest", truncation=True,
+                                 max_length=cfg.data.max_text_len)
+                qformer = {"qformer_ids": enc["input_ids"].to(env.device), "qformer_mask": enc["attention_mask"].to(env.device)}
             with no_sync(objective, sync=k == cfg.grad_accum - 1):
                 with autocast(cfg.precision, env.device):
                     loss = objective(batch["pixels"].to(env.device), text.input_ids.to(env.device),
-                                     text.attention_mask.to(env.device), text.labels.to(env.device), dec_mask)
+                                     text.attention_mask.to(env.device), text.labels.to(env.device), dec_mask,
+                                     **qformer)
                 scaled = loss / cfg.grad_accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += float(loss.detach()) / cfg.grad_accum

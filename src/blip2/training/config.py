@@ -2,6 +2,9 @@
 
     cfg = load_config(Stage1Config, "configs/stage1.yaml", ["steps=100", "data.path=pairs.jsonl"])
 
+Several files layer: `load_config(cls, ["configs/finetune_caption.yaml", "mine.yaml"])` (or `--config` given
+twice) reads them in order, merging mappings key by key, so a later file only names what it changes
+(`data: {path: ...}` keeps the earlier file's other `data` keys; `init_from: null` removes a setting).
 Dotted keys reach nested dataclasses (`data.batch_size`) and dict fields (`model.qformer.hidden_size`).
 Override values are parsed as YAML (`lr=1e-4`, `betas=[0.9,0.98]`, `resume=null`) and then coerced to the
 field's type. Unknown keys are errors that name the key, the known keys and the closest match.
@@ -236,25 +239,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` layered on `base`: mappings merge key by key (recursively), anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = (),
                 base: dict[str, Any] | None = None) -> T:
-    """`cls` filled from `base`, then the YAML file at `path`, then `key=value` overrides (later wins)."""
+    """`cls` filled from `base`, then the YAML file(s) at `path` in order, then `key=value` overrides (later
+    wins; mappings merge, see `merge`)."""
     data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        data.update(read_yaml(path))
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for file in paths:
+        data = merge(data, read_yaml(file))
     for key, value in parse_overrides(overrides):
         _set_dotted(data, cls, key, value)
     return from_dict(cls, data)
 
 
 def parse_args(cls: type[T], argv: Sequence[str] | None, prog: str, description: str = "") -> T:
-    """`--config FILE [--resume [PATH]] [key=value ...]` -> a `cls`. `--print-config` prints the resolved
+    """`--config FILE [--config FILE ...] [--resume [PATH]] [key=value ...]` -> a `cls`. Several `--config`
+    files layer in order (see `load_config`): the fine-tune recipes (recipes/__init__.py) put their own
+    default file first, so a user's file only needs what it changes. `--print-config` prints the resolved
     config as YAML and exits."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML file with the recipe's settings")
+    parser.add_argument("--config", action="append", metavar="FILE",
+                        help="YAML file with the recipe's settings; give it again to layer another file on top "
+                             "(mappings merge key by key, later files win)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the latest checkpoint in output_dir, or from the folder given")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -13,8 +13,10 @@ from typing import Literal
 
 @dataclass
 class DataConfig:
-    format: Literal["pairs", "coco", "vqa", "vqav2"] = "pairs"
-    path: str = ""  # the annotation file (pairs/vqa JSONL, COCO captions JSON, VQAv2 questions JSON)
+    format: Literal["pairs", "coco", "vqa", "vqav2", "webdataset"] = "pairs"
+    # the annotation file (pairs/vqa JSONL, COCO captions JSON, VQAv2 questions JSON), or for webdataset the
+    # tar shards, brace-expanded: "shards/{000000..000999}.tar" (data/webdataset.py)
+    path: str = ""
     annotations: str | None = None  # VQAv2 only: the annotations JSON
     image_root: str = ""  # image paths in `path` are relative to this folder ("" = the file's folder)
     max_text_len: int = 32  # tokens (REFERENCE §1, §3: max_txt_len 32)
