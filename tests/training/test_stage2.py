@@ -143,3 +143,26 @@ def test_question_to_qformer_end_to_end(tmp_path, stage1_folder, tokenizers):
     chat = model.chat(image, num_beams=1, max_new_tokens=3)
     assert chat.ask(questions[0]) == batched[0]
     assert len(model.caption(image, num_beams=1, max_new_tokens=3)) == 1
+
+
+def test_stage1_refits_heads_of_a_stage2_model(tmp_path, stage1_folder, tokenizers):
+    """After a stage 2 that moved the Q-Former, stage 1 re-fits only the ITC/ITM/ITG heads; the LLM side and
+    both tokenizers survive, so the model both answers and matches."""
+    from blip2.recipes import stage1
+
+    cfg = config(tmp_path, init_from=str(stage1_folder), language=language("opt"), tokenizer=str(tokenizers["opt"]),
+                 data=DataConfig(format="vqa", path=str(write_vqa(tmp_path, 8))), question_to_qformer=True)
+    stage2_dir = run(cfg).final_dir
+    heads = ["vision_projection", "text_projection", "itm_head", "temp", "qformer_lm_head"]
+    refit = stage1.Stage1Config(output_dir=str(tmp_path / "refit"), init_from=str(stage2_dir), trainable=heads,
+                                steps=2, batch_size=4, lr=1e-3, progress=False,
+                                data=DataConfig(path=str(write_pairs(tmp_path, 8))))
+    result = stage1.run(refit)
+    before, after = blip2.load(stage2_dir), blip2.load(result.final_dir)
+    a, b = before.model.state_dict(), after.model.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(tuple(heads)) for k in changed)
+    image = str(tmp_path / "images" / "001.png")
+    assert after.ask(image, "what color is this ?", num_beams=1, max_new_tokens=3) == \
+        before.ask(image, "what color is this ?", num_beams=1, max_new_tokens=3)
+    assert len(after.itm(image, ["a red circle"])) == 1

@@ -7,9 +7,11 @@
            38,575 questions with their answers, mixed with the captions for stage 2.
 2. cache:  EfficientNet-Lite0 runs once over the 4,000 train images (augmentation off).
 3. stage 1 (configs/default_stage1.yaml): ITC + ITM + ITG; Q-Former initialised from all-MiniLM-L6-v2.
-4. stage 2 (configs/default_stage2.yaml): SmolLM2-135M-Instruct (GGUF) frozen; only the language projection
-           trains (`freeze_qformer`), so the final model keeps the stage-1 heads for itm/retrieve.
-5. export: the trainable weights (float16) + config + tokenizers into src/blip2/default/.
+4. stage 2 (configs/default_stage2.yaml): SmolLM2-135M-Instruct (GGUF) frozen; the question also feeds the
+           Q-Former (`question_to_qformer`), which trains with the projection.
+5. re-fit (configs/default_refit.yaml): stage 1 on the captions again, training only the ITC/ITM/ITG heads,
+           so itm/retrieve match the Q-Former stage 2 left.
+6. export: the trainable weights (float16) + config + tokenizers into src/blip2/default/.
 
 Every stage resumes from its checkpoints (`--resume`), so a run cut off at any point continues.
 """
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-steps", type=int, default=None, help="override configs/default_stage2.yaml steps")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
     parser.add_argument("--skip-export", action="store_true", help="do not copy the result into the package")
-    parser.add_argument("--only", choices=["data", "cache", "stage1", "stage2", "export"], default=None)
+    parser.add_argument("--refit-steps", type=int, default=None, help="override configs/default_refit.yaml steps")
+    parser.add_argument("--only", choices=["data", "cache", "stage1", "stage2", "refit", "export"], default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
@@ -104,8 +107,14 @@ def main(argv: list[str] | None = None) -> int:
                                      f"output_dir={work / 'stage2'}", *steps(args.stage2_steps)])
         if code:
             return code
+    if args.only in (None, "refit"):
+        code = run_recipe("stage1", ["--config", str(CONFIGS / "default_refit.yaml"), *resume, *common,
+                                     f"data.path={files['captions']}", f"init_from={work / 'stage2' / 'final'}",
+                                     f"output_dir={work / 'refit'}", *steps(args.refit_steps)])
+        if code:
+            return code
     if args.only in (None, "export") and not args.skip_export:
-        print(f"default model exported to {export(work / 'stage2' / 'final')}")
+        print(f"default model exported to {export(work / 'refit' / 'final')}")
     return 0
 
 

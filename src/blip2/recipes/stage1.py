@@ -68,6 +68,9 @@ class Stage1Config(TrainConfig):
     qformer_tokenizer: str | None = None  # BERT tokenizer with [DEC]; default: the init_from folder's
     use_image_ids: bool = True  # same image => ITC positive, never an ITM negative (REFERENCE §2)
     gather_grad: bool = True  # ITC gathers with gradient: N processes train as one on the global batch
+    # Parameter-name prefixes to train, everything else frozen; e.g. re-fitting only the ITC/ITM/ITG heads of
+    # a stage-2 checkpoint whose Q-Former moved: [vision_projection, text_projection, itm_head, temp, qformer_lm_head]
+    trainable: list[str] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -99,6 +102,12 @@ def build_model(cfg: Stage1Config) -> tuple[Blip2Model, Path | None]:
     if not (model.config.stage1_heads and model.config.itg_head):
         raise ConfigError("stage 1 needs the ITC/ITM heads and the ITG head: set stage1_heads: true, itg_head: true "
                           "and qformer.use_text_input: true in the model config")
+    if cfg.trainable is not None:
+        prefixes = tuple(cfg.trainable)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith(prefixes))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"trainable={list(prefixes)} matches no parameter of the model")
     return model, folder
 
 
@@ -108,6 +117,8 @@ def load_tokenizer(cfg: Stage1Config, folder: Path | None, vocab_size: int):
     from transformers import AutoTokenizer
 
     path = resolve_path(cfg.qformer_tokenizer) if cfg.qformer_tokenizer else folder
+    if path is not None and (Path(path) / "qformer_tokenizer").is_dir():  # a model with an LLM keeps it there
+        path = Path(path) / "qformer_tokenizer"
     if path is None:
         raise ConfigError("set qformer_tokenizer: the folder of the Q-Former's BERT tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -269,7 +280,12 @@ def _train(cfg: Stage1Config, env: DistEnv) -> TrainResult:
     logger.close()
     if env.is_main:
         if cfg.export and step == cfg.steps:
-            result.final_dir = save_model(model, out / "final", qformer_tokenizer=tokenizer)
+            llm_tokenizer = None
+            if model.config.language is not None and folder is not None:  # keep a stage-2 model's LLM tokenizer
+                from transformers import AutoTokenizer
+
+                llm_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            result.final_dir = save_model(model, out / "final", tokenizer=llm_tokenizer, qformer_tokenizer=tokenizer)
         if cfg.plot and logger.path.exists():
             result.plot = plot_losses(read_metrics(logger.path), out / "loss.png", title="stage 1")
     barrier(env)
