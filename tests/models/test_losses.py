@@ -226,3 +226,34 @@ def test_stage2_loss(kind):
     loss.backward()
     assert model.language_projection.weight.grad is not None
     assert all(p.grad is None for p in model.language_model.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(stage1):
+    pixels = torch.randn(3, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE)
+    ids, mask = _text()
+    dropouts = [m for m in stage1.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+    grads = []
+    stage1.train()
+    for m in dropouts:
+        m.p = 0.0  # deterministic forward, so recomputation is exact
+    from blip2.nn.attention import MultiHeadAttention
+
+    attention = [m for m in stage1.modules() if isinstance(m, MultiHeadAttention)]
+    for m in attention:
+        m.dropout = 0.0
+    for checkpointing in (False, True):
+        stage1.zero_grad()
+        stage1.qformer.encoder.gradient_checkpointing = checkpointing
+        out = stage1.stage1_losses(stage1.encode_image(pixels), ids, mask, dec_token_id=5,
+                                   generator=torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        grads.append(stage1.query_tokens.grad.clone())
+    stage1.qformer.encoder.gradient_checkpointing = False
+    for m, p in zip(dropouts, saved):
+        m.p = p
+    for m in attention:
+        m.dropout = 0.1
+    stage1.zero_grad()
+    stage1.eval()
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -193,6 +193,7 @@ def _train(cfg: Stage1Config, env: DistEnv) -> TrainResult:
                                   cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 
     # -- setup: optimisation, resume --------------------------------------------------------------------------
+    model.qformer.encoder.gradient_checkpointing = cfg.grad_checkpointing
     model.to(env.device).train()
     step, micro, skipped = 0, 0, 0
     state = None

@@ -296,6 +296,7 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
                                   cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 
     # -- setup: optimisation, resume --------------------------------------------------------------------------
+    model.qformer.encoder.gradient_checkpointing = cfg.grad_checkpointing
     model.to(env.device).train()
     step, micro, skipped = 0, 0, 0
     state = None
