@@ -95,6 +95,21 @@ def test_vqa_finetune(tmp_path, hf_opt):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_vqa_finetune_with_the_question_in_the_qformer(tmp_path, tokenizers):
+    """The paper's VQA fine-tune: from a stage-1 checkpoint plus an LLM, the queries also read the question."""
+    import dataclasses
+
+    stage1 = save_tiny_checkpoint(tmp_path / "stage1", seed=2)
+    language = json.dumps(dataclasses.asdict(tm.our_config("opt").language))
+    out = finetune("vqa", tmp_path, f"init_from={stage1}", f"language={language}", f"tokenizer={tokenizers['opt']}",
+                   "question_to_qformer=true", "data.format=vqa", f"data.path={write_vqa(tmp_path, 8)}",
+                   "data.annotations=null", "data.image_root=")
+    model = blip2.load(out / "final")
+    assert model.model.config.question_to_qformer
+    answers = model.ask(str(tmp_path / "images" / "000.png"), ["what shape is this ?"], num_beams=1, max_new_tokens=2)
+    assert len(answers) == 1
+
+
 def test_retrieval_finetune(tmp_path):
     stage1 = save_tiny_checkpoint(tmp_path / "stage1", seed=3)
     data = write_coco(tmp_path)  # 4 images x 2 captions: a batch of 4 often holds both captions of an image
@@ -113,8 +128,6 @@ def test_retrieval_finetune(tmp_path):
     assert len(matches) == 1 and len(matches[0]) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="stage1.build_model does not yet add the ITG head that transformers' "
-                                       "Blip2ForImageTextRetrieval checkpoints lack (a change for the lead)")
 def test_retrieval_finetune_from_a_transformers_retrieval_checkpoint(tmp_path):
     folder = tmp_path / "blip2-itm"
     tm.save_retrieval_model(folder)

@@ -12,6 +12,7 @@ final/}; final/ loads with `blip2.load` (itm, similarity, retrieve, features).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -28,7 +29,8 @@ from blip2.convert.checkpoint import CheckpointError, init_model, load_model, sa
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.datasets import DatasetError, build_dataset, check_images, collate, read_records
 from blip2.data.text import DEC_TOKEN, dec_token_id, tokenize_qformer
-from blip2.models.blip2 import Blip2Model
+from blip2.data.webdataset import check_shards, webdataset_loader
+from blip2.models.blip2 import Blip2Model, QFormerLMHead
 from blip2.models.config import Blip2Config, ConfigError as ModelConfigError
 from blip2.training import checkpoint as ckpt
 from blip2.training.config import ConfigError, parse_args, read_yaml, resolve_path, to_dict
@@ -92,10 +94,23 @@ def check_config(cfg: Stage1Config) -> None:
         raise ConfigError("steps and grad_accum must be at least 1")
 
 
+def add_itg_head(model: Blip2Model) -> None:
+    """A fresh ITG head (BERT's MLM transform; the decoder is tied to the word embeddings) for a checkpoint that
+    lacks it, e.g. Salesforce/blip2-itm-vit-g; `temp` is already filled in by the loader (0.07)."""
+    head = QFormerLMHead(model.config.qformer)
+    nn.init.normal_(head.transform.dense.weight, std=model.config.qformer.initializer_range)
+    nn.init.zeros_(head.transform.dense.bias)
+    model.qformer_lm_head = head
+    model.config = dataclasses.replace(model.config, itg_head=True)
+    log.info("added a fresh ITG head (Q-Former LM head) to the loaded checkpoint")
+
+
 def build_model(cfg: Stage1Config) -> tuple[Blip2Model, Path | None]:
     """The model to train and the checkpoint folder it came from (None from scratch)."""
     if cfg.init_from is not None:
         model, folder = load_model(cfg.init_from)
+        if model.config.language is None and model.config.stage1_heads and not model.config.itg_head:
+            add_itg_head(model)  # transformers' Blip2ForImageTextRetrieval has ITC/ITM but no ITG head
     else:
         bert = resolve_path(cfg.qformer_init) if cfg.qformer_init else None
         model, folder = init_model(model_config(cfg.model), bert=bert), None
@@ -179,18 +194,29 @@ def _train(cfg: Stage1Config, env: DistEnv) -> TrainResult:
 
     # -- setup: data files, model, tokenizer, dataset ------------------------------------------------------
     check_config(cfg)
-    root = cfg.data.image_root or str(Path(cfg.data.path).parent)
-    records = read_records(cfg.data.format, cfg.data.path, cfg.data.annotations)
-    check_images(records, root, cfg.data.path)  # wrong files fail here, before the model is built
+    stream = cfg.data.format == "webdataset"  # tar shards, streamed: data.path = "shards/{000000..000999}.tar"
+    if stream:
+        if cfg.data.feature_cache:
+            raise ConfigError("data.feature_cache reads annotation-file datasets, not webdataset shards")
+        check_shards(cfg.data.path)  # wrong shards fail here, before the model is built
+    else:
+        root = cfg.data.image_root or str(Path(cfg.data.path).parent)
+        records = read_records(cfg.data.format, cfg.data.path, cfg.data.annotations)
+        check_images(records, root, cfg.data.path)  # wrong files fail here, before the model is built
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model, folder = build_model(cfg)
     tokenizer = load_tokenizer(cfg, folder, model.config.qformer.vocab_size)
     dec_id = dec_token_id(tokenizer)
-    dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
-                            train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text,
-                            features=FeatureCache.for_model(cfg.data.feature_cache, model))
-    loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
-                                  cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+    if stream:  # `sampler` is then a StreamPosition: same set_position/batches_per_epoch (epoch logged as 0)
+        loader, sampler = webdataset_loader(cfg.data.path, model.config.vision.image, cfg.batch_size, env.world_size,
+                                            env.rank, cfg.seed, cfg.data.num_workers, env.device.type == "cuda",
+                                            train=cfg.data.augment, clean_text=cfg.data.clean_text, check=False)
+    else:
+        dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
+                                train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text,
+                                features=FeatureCache.for_model(cfg.data.feature_cache, model))
+        loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
+                                      cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 
     # -- setup: optimisation, resume --------------------------------------------------------------------------
     model.qformer.encoder.gradient_checkpointing = cfg.grad_checkpointing

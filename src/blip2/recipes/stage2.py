@@ -38,6 +38,7 @@ from blip2.data.collate import LMBatch, decoder_only_batch, encoder_decoder_batc
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.datasets import DatasetError, build_dataset, check_images, collate, read_records
 from blip2.data.text import vqa_template
+from blip2.data.webdataset import check_shards, webdataset_loader
 from blip2.models.blip2 import Blip2Model
 from blip2.models.config import Blip2Config, ConfigError as ModelConfigError, LanguageConfig
 from blip2.training import checkpoint as ckpt
@@ -277,9 +278,15 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
 
     # -- setup: data files, model, tokenizer, dataset ------------------------------------------------------
     check_config(cfg)
-    root = cfg.data.image_root or str(Path(cfg.data.path).parent)
-    records = read_records(cfg.data.format, cfg.data.path, cfg.data.annotations)
-    check_images(records, root, cfg.data.path)  # wrong files fail here, before the model is built
+    stream = cfg.data.format == "webdataset"  # tar shards, streamed: data.path = "shards/{000000..000999}.tar"
+    if stream:
+        if cfg.data.feature_cache:
+            raise ConfigError("data.feature_cache reads annotation-file datasets, not webdataset shards")
+        check_shards(cfg.data.path)  # wrong shards fail here, before the model is built
+    else:
+        root = cfg.data.image_root or str(Path(cfg.data.path).parent)
+        records = read_records(cfg.data.format, cfg.data.path, cfg.data.annotations)
+        check_images(records, root, cfg.data.path)  # wrong files fail here, before the model is built
     if cfg.data.format in ("vqa", "vqav2") and cfg.prompt is not None and "{}" not in cfg.prompt:
         raise ConfigError(f"VQA data needs a prompt template with {{}} for the question, got {cfg.prompt!r}")
     seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -289,11 +296,16 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     if model.config.question_to_qformer and qtokenizer is None:
         raise ConfigError("question_to_qformer needs the Q-Former's tokenizer: init_from a stage-1 checkpoint")
     encoder_decoder = model.config.language.is_encoder_decoder
-    dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
-                            train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text,
-                            features=FeatureCache.for_model(cfg.data.feature_cache, model))
-    loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
-                                  cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+    if stream:  # `sampler` is then a StreamPosition: same set_position/batches_per_epoch (epoch logged as 0)
+        loader, sampler = webdataset_loader(cfg.data.path, model.config.vision.image, cfg.batch_size, env.world_size,
+                                            env.rank, cfg.seed, cfg.data.num_workers, env.device.type == "cuda",
+                                            train=cfg.data.augment, clean_text=cfg.data.clean_text, check=False)
+    else:
+        dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
+                                train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text,
+                                features=FeatureCache.for_model(cfg.data.feature_cache, model))
+        loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
+                                      cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 
     # -- setup: optimisation, resume --------------------------------------------------------------------------
     model.qformer.encoder.gradient_checkpointing = cfg.grad_checkpointing
