@@ -46,12 +46,13 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def decoder_only_batch(tokenizer, prompts: list[str], targets: list[str], max_length: int = 32,
-                       append_eos: bool = True) -> LMBatch:
+                       append_eos: bool = True, eos_token_id: int | None = None) -> LMBatch:
     """Prompt + target for a causal LM; the prompt keeps the tokenizer's special tokens (its BOS), the target
     gets none except an optional EOS. Rows longer than `max_length` lose the end of their target."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    eos = tokenizer.eos_token_id
+    # The token generation stops at: the LLM's own (OPT in BLIP-2 stops at "\n", REFERENCE §3), else the tokenizer's.
+    eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     if append_eos and eos is None:
         raise ValueError("append_eos needs a tokenizer with an EOS token")
     rows, masks = [], []

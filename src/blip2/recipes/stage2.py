@@ -162,6 +162,9 @@ def build_model(cfg: Stage2Config) -> tuple[Blip2Model, Path | None]:
             folder = None  # its tokenizer is the Q-Former's BERT one, not the LLM's
         elif cfg.model is not None or cfg.language is not None:
             raise ConfigError(f"{cfg.init_from} is already a stage-2 checkpoint: drop `model` and `language`")
+        elif cfg.question_to_qformer and not base.config.question_to_qformer:
+            raise ConfigError(f"{cfg.init_from} was not trained with question_to_qformer: start from its stage-1 "
+                              "checkpoint (init_from + language) to turn it on")
         else:
             model = base
     if model.config.language is None:
@@ -194,6 +197,15 @@ def load_tokenizer(cfg: Stage2Config, folder: Path | None, model: Blip2Model):
     return tokenizer
 
 
+def stop_token(model: Blip2Model) -> int | None:
+    """The token the LLM's generation stops at (its generation config's first EOS), so training targets end
+    with what generation waits for."""
+    eos = model.language_model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.language_model.config.eos_token_id
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
 def qformer_tokenizer(cfg: Stage2Config, model: Blip2Model):
     """The Q-Former's BERT tokenizer, saved beside the LLM's when the model keeps its stage-1 heads."""
     if not (model.config.stage1_heads or model.config.question_to_qformer) or cfg.init_from is None:
@@ -221,7 +233,8 @@ class Stage2Objective(nn.Module):
         return self.model.lm_loss(feats, input_ids, attention_mask, labels, qformer_text=qtext, **kw)
 
 
-def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_decoder: bool, micro: int) -> LMBatch:
+def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_decoder: bool, micro: int,
+               eos_token_id: int | None = None) -> LMBatch:
     """The batch's texts -> LLM ids and labels (see the module docstring and data/collate.py)."""
     n = len(batch["index"])
     if "question" in batch:  # VQA
@@ -243,7 +256,7 @@ def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_deco
         return encoder_decoder_batch(tokenizer, prompts, targets, cfg.data.max_text_len)
     # After a prompt the target starts a new word: " cat", as BPE tokenizers see it at generation time.
     targets = [" " + t if p else t for p, t in zip(prompts, targets)]
-    return decoder_only_batch(tokenizer, prompts, targets, cfg.data.max_text_len, cfg.append_eos)
+    return decoder_only_batch(tokenizer, prompts, targets, cfg.data.max_text_len, cfg.append_eos, eos_token_id)
 
 
 def resume_folder(cfg: TrainConfig) -> Path | None:
@@ -296,6 +309,7 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     if model.config.question_to_qformer and qtokenizer is None:
         raise ConfigError("question_to_qformer needs the Q-Former's tokenizer: init_from a stage-1 checkpoint")
     encoder_decoder = model.config.language.is_encoder_decoder
+    eos_id = stop_token(model)
     if stream:  # `sampler` is then a StreamPosition: same set_position/batches_per_epoch (epoch logged as 0)
         loader, sampler = webdataset_loader(cfg.data.path, model.config.vision.image, cfg.batch_size, env.world_size,
                                             env.rank, cfg.seed, cfg.data.num_workers, env.device.type == "cuda",
@@ -350,7 +364,7 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
             batch = next(batches)
             micro += 1
             skipped += batch["skipped"]
-            text = text_batch(batch, tokenizer, cfg, encoder_decoder, micro)
+            text = text_batch(batch, tokenizer, cfg, encoder_decoder, micro, eos_id)
             dec_mask = text.decoder_attention_mask.to(env.device) if text.decoder_attention_mask is not None else None
             qformer = {}
             if qtokenizer is not None:  # the question ("" for captions) for the Q-Former, as at inference
