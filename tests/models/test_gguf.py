@@ -25,7 +25,8 @@ def test_gguf_llm_loads_caches_and_generates(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert first.config.hidden_size == cfg.hidden_size == 576
     # The frozen LLM continues a soft prompt: 8 random "query" vectors + BOS.
-    prefix = torch.randn(1, 8, 576) * 0.02
+    prefix = torch.randn(1, 8, 576, generator=torch.Generator().manual_seed(0)) * 0.02
     bos = first.get_input_embeddings()(torch.tensor([[1]]))
-    out = first.generate(inputs_embeds=torch.cat([prefix, bos], 1), max_new_tokens=3, do_sample=False)
+    out = first.generate(inputs_embeds=torch.cat([prefix, bos], 1), max_new_tokens=3, min_new_tokens=3,
+                         do_sample=False)
     assert out.shape == (1, 3)
