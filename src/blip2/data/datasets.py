@@ -168,7 +168,8 @@ def read_vqa_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def read_vqav2(questions: str | os.PathLike, annotations: str | os.PathLike) -> list[dict[str, Any]]:
-    """The official VQAv2 questions + annotations JSON -> records {"image", "question", "answers", "image_id"}."""
+    """The official VQAv2 questions + annotations JSON -> records {"image", "question", "answers", "image_id",
+    "question_id", "question_type", "answer_type"} (the last three for evaluation)."""
     qpath, apath = Path(questions), Path(annotations)
     qdata, adata = _read_json(qpath), _read_json(apath)
     if "questions" not in qdata:
@@ -186,7 +187,9 @@ def read_vqav2(questions: str | os.PathLike, annotations: str | os.PathLike) -> 
             raise DatasetError(f"{apath} has no annotation for question_id {q['question_id']}")
         image = f"{subtype}/COCO_{subtype}_{int(q['image_id']):012d}.jpg"
         answers = [a["answer"] for a in ann.get("answers", [])] or [ann.get("multiple_choice_answer", "")]
-        records.append({"image": image, "question": q["question"], "answers": answers, "image_id": q["image_id"]})
+        records.append({"image": image, "question": q["question"], "answers": answers, "image_id": q["image_id"],
+                        "question_id": q["question_id"], "question_type": ann.get("question_type"),
+                        "answer_type": ann.get("answer_type")})
     return records
 
 

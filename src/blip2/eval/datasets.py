@@ -158,28 +158,14 @@ def _vqav2_files(paths: list[Path]) -> tuple[Path, Path]:
 
 def read_vqav2_eval(questions: Path, annotations: Path, root: Path) -> list[VQAItem]:
     """The official questions + annotations -> items with question ids and the official types."""
-    qdata, adata = _read_json(questions), _read_json(annotations)
-    if isinstance(qdata, dict) and "annotations" in qdata and "questions" in adata:
-        # given the other way round
-        qdata, adata, questions, annotations = adata, qdata, annotations, questions
-    if not isinstance(qdata, dict) or "questions" not in qdata:
-        raise ValueError(f"{questions} has no 'questions': not a VQAv2 questions file.")
-    if not isinstance(adata, dict) or "annotations" not in adata:
-        raise ValueError(f"{annotations} has no 'annotations': not a VQAv2 annotations file.")
-    subtype = qdata.get("data_subtype", "")
-    if not subtype:
-        raise ValueError(f"{questions} has no 'data_subtype' (e.g. val2014): cannot name the image files.")
-    by_qid = {a["question_id"]: a for a in adata["annotations"]}
-    items = []
-    for q in qdata["questions"]:
-        ann = by_qid.get(q["question_id"])
-        if ann is None:
-            raise ValueError(f"{annotations} has no annotation for question_id {q['question_id']}.")
-        answers = [a["answer"] for a in ann.get("answers", [])] or [ann.get("multiple_choice_answer", "")]
-        image = f"{subtype}/COCO_{subtype}_{int(q['image_id']):012d}.jpg"
-        items.append(VQAItem(q["question_id"], image, q["question"], answers,
-                             ann.get("question_type"), ann.get("answer_type")))
-    return items
+    from blip2.data.datasets import read_vqav2  # its DatasetError is a ValueError: the CLI prints one line
+
+    qdata = _read_json(questions)
+    if isinstance(qdata, dict) and "annotations" in qdata:  # given the other way round
+        questions, annotations = annotations, questions
+    records = read_vqav2(questions, annotations)
+    return [VQAItem(r["question_id"], r["image"], r["question"], r["answers"], r["question_type"], r["answer_type"])
+            for r in records]
 
 
 def _read_vqa_jsonl(path: Path) -> list[VQAItem]:
