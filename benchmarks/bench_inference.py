@@ -16,7 +16,8 @@ transformers' image processor + tokenizer + generate + batch_decode.
 Every generation is given a fixed length (min_new_tokens = max_new_tokens) so both sides do the same number
 of decoding steps, and the generated ids are compared.
 
-    python benchmarks/bench_inference.py                 # full run (~5 min on 2 CPU cores)
+    python benchmarks/bench_inference.py                 # full run, 1 thread (~5 min on this CPU)
+    python benchmarks/bench_inference.py --threads 0     # all cores (~3 min on an idle 2-core CPU)
     python benchmarks/bench_inference.py --quick         # smoke run
 """
 
@@ -233,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed calls per task and side (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4, help="images per captioning call")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads, both sides")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads, both sides; 0 = all cores. 1 by default: where another job holds a "
+                        "core, two OpenMP threads wait on each other and calls stretch 10x or more, one thread does not")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 1 rep, batch 2")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "inference_cpu.json")
     args = p.parse_args(argv)
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or os.cpu_count())
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     machine = {
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor()
@@ -301,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         one = pixels[:1]
         n = len(prompts)
 
-        def ours_ask(gen: dict) -> torch.Tensor:  # what `Blip2.ask` does with one image: encode it once
-            soft = model.soft_prompt(model.encode_image(one))  # (1, Q, H)
-            return model.generate(input_ids=q_ids, attention_mask=q_mask, soft_prompt=soft.expand(n, -1, -1), **gen)
+        def ours_ask(gen: dict) -> torch.Tensor:
+            # What `Blip2.ask` does with one image: the image encoded once, its features expanded to one row per
+            # question, then the Q-Former (which reads the question too where the model feeds it one).
+            feats = model.encode_image(one)  # (1, N, Dv)
+            soft = ours.soft_prompts(feats.expand(n, -1, -1), QUESTIONS)  # (n, Q, H)
+            return model.generate(input_ids=q_ids, attention_mask=q_mask, soft_prompt=soft, **gen)
 
         for beams in (1, 5):
             gen = {**fixed_length(ANSWER_TOKENS, beams), "pad_token_id": tokenizer.pad_token_id}

@@ -177,10 +177,15 @@ class Blip2:
         prompts = [template.format(q) for q in questions]
         if len(images) == 1:
             feats = self.encode_images(images)  # once, whatever the number of questions
+            # Without question_to_qformer the soft prompt does not depend on the question: compute it once too.
+            shared = None if self.model.config.question_to_qformer else self.soft_prompts(feats)
             out: list[str] = []
             for start in range(0, len(questions), self.batch_size):
                 chunk = questions[start : start + self.batch_size]
-                soft = self.soft_prompts(feats.expand(len(chunk), -1, -1), chunk)
+                if shared is not None:
+                    soft = shared.expand(len(chunk), -1, -1)
+                else:
+                    soft = self.soft_prompts(feats.expand(len(chunk), -1, -1), chunk)
                 out += self._generate(soft, prompts[start : start + self.batch_size], gen)
             return out
         out = []
