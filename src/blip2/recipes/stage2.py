@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,9 +45,8 @@ from blip2.training.config import ConfigError, parse_args, read_yaml, resolve_pa
 from blip2.training.distributed import (
     DistEnv,
     barrier,
-    cleanup_distributed,
+    run_distributed,
     mean_over_ranks,
-    setup_distributed,
     sum_over_ranks,
 )
 from blip2.training.loop import (
@@ -259,35 +257,16 @@ def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_deco
     return decoder_only_batch(tokenizer, prompts, targets, cfg.data.max_text_len, cfg.append_eos, eos_token_id)
 
 
-def resume_folder(cfg: TrainConfig) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "latest":
-        found = ckpt.latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
-        if found is None:
-            log.warning("resume=latest: no checkpoint in %s/checkpoints yet, starting from step 0", cfg.output_dir)
-        return found
-    return Path(cfg.resume)
-
-
 # ------------------------------------------------------------------------------------------------- run
 
 
 def run(cfg: Stage2Config) -> TrainResult:
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    if cfg.cpu_threads > 0:
-        torch.set_num_threads(cfg.cpu_threads)
-    env = setup_distributed(cfg.device)
-    try:
-        return _train(cfg, env)
-    finally:
-        if owns_group:
-            cleanup_distributed()
+    return run_distributed(_train, cfg, cfg.device, cfg.cpu_threads)
 
 
 def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     out = Path(cfg.output_dir)
-    resume = resume_folder(cfg)
+    resume = ckpt.resume_folder(cfg.resume, cfg.output_dir)
 
     # -- setup: data files, model, tokenizer, dataset ------------------------------------------------------
     check_config(cfg)

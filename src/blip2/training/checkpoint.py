@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -170,3 +172,18 @@ def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.dtype))
+
+
+def resume_folder(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """`--resume` -> the checkpoint folder to continue from: "latest" looks in output_dir/checkpoints (None,
+    with a warning, when there is none yet), anything else is a folder path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(Path(output_dir) / "checkpoints")
+        if found is None:
+            logging.getLogger("blip2.train").warning(
+                "resume=latest: no checkpoint in %s/checkpoints yet, starting from step 0", output_dir
+            )
+        return found
+    return Path(resume)

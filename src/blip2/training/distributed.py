@@ -109,3 +109,17 @@ def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     out: list[Any] = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def run_distributed(train, cfg, device: str, cpu_threads: int = 0):
+    """Set threads and the process group (when torchrun started us and nobody else did), call
+    `train(cfg, env)`, and tear down what we set up: the recipes' shared entry."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    if cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
+    env = setup_distributed(device)
+    try:
+        return train(cfg, env)
+    finally:
+        if owns_group:
+            cleanup_distributed()
