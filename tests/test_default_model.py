@@ -49,3 +49,24 @@ def test_caption_regression(model):
         colours, shapes = easy_vqa.mentioned(caption)
         right += colours == {labels[i][0]} and shapes == {labels[i][1]}
     assert right / len(ids) >= 0.95
+
+
+def test_chat_follow_up(model):
+    """'what shape is this?' then 'what color is it?' in one session, on 20 test images."""
+    from blip2.eval.datasets import load_chat
+
+    right = 0
+    for item in load_chat(["easy-vqa-chat:test"], limit=20):
+        session = model.chat(item.image, num_beams=1, max_new_tokens=4)
+        right += all(vqa_score(session.ask(q), answers) == 1 for q, answers in item.turns)
+    assert right >= 19
+
+
+def test_retrieve_finds_the_named_shapes(model):
+    labels = easy_vqa.image_labels("test")
+    paths = {q.image_id: q.image for q in easy_vqa.questions("test")}
+    ids = sorted(labels)[:200]
+    blue_triangles = {k for k, i in enumerate(ids) if labels[i] == ("blue", "triangle")}
+    assert len(blue_triangles) >= 3
+    (matches,) = model.retrieve("a blue triangle", [paths[i] for i in ids], k=len(blue_triangles))
+    assert {m.index for m in matches} == blue_triangles

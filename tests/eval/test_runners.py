@@ -1,4 +1,4 @@
-"""`blip2 eval vqa|caption|retrieval` end to end on tiny random checkpoints and tiny data in tmp_path.
+"""`blip2 eval vqa|caption|retrieval|chat` end to end on tiny random checkpoints and tiny data in tmp_path.
 
 The tiny models' answers are wrong (random weights, a word-level vocabulary of 60 words): these tests pin the
 pipeline and the outputs' structure and consistency (metrics recomputed from the predictions file equal
@@ -19,6 +19,7 @@ from PIL import Image
 from blip2 import cli
 from blip2.eval import datasets, easy_vqa
 from blip2.eval.metrics import normalize_answer, retrieval_metrics, vqa_accuracy
+from blip2.eval.metrics.vqa import vqa_score
 from blip2.eval.report import METRICS, PREDICTIONS, REPORT, SAMPLES, read_jsonl
 
 FAST = ["--num-beams", "1", "--max-new-tokens", "3"]
@@ -68,6 +69,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (v2 / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(
         json.dumps({"data_subtype": "val2014", "questions": qs}))
     (v2 / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": anns}))
+    _jsonl(root / "data" / "bad_chat.jsonl", [{"image": "images/0.png", "turns": ["what shape is this?"]}])
     return {"root": root, "opt": root / "opt", "itm": root / "itm", "data": root / "data", "vqav2": v2}
 
 
@@ -327,6 +329,58 @@ def test_eval_easy_vqa_retrieval(files, capsys):
 # --------------------------------------------------------------------------------------------- errors
 
 
+# ---------------------------------------------------------------------------------------------- chat
+
+
+def test_eval_chat_writes_everything(files, capsys):
+    """Each conversation is one session: turn 2's prompt holds turn 1 with the model's own answer."""
+    _jsonl(files["data"] / "chat.jsonl", [
+        {"image": "images/0.png", "turns": [["what shape is this?", "circle"], ["what color is it?", ["red", "blue"]]]},
+        {"image": "images/1.png", "turns": [["is there a square?", "yes"]]},
+    ])
+    out = files["root"] / "out-chat"
+    code, stdout, _ = run(capsys, "eval", "chat", "-m", files["opt"], "--data", files["data"] / "chat.jsonl",
+                          "--out", out, *FAST)
+    assert code == 0, stdout
+    rows, metrics, report = _outputs(out)
+    assert [len(r["turns"]) for r in rows] == [2, 1] and rows[0]["turns"][1]["answers"] == ["red", "blue"]
+    scores = [100.0 * vqa_score(t["prediction"], t["answers"]) for r in rows for t in r["turns"]]
+    assert [t["accuracy"] for r in rows for t in r["turns"]] == scores
+    assert metrics["turn_accuracy"] == round(sum(scores) / 3, 2) and metrics["n_turns"] == 3
+    assert metrics["per_turn_accuracy"] == {"1": round((scores[0] + scores[2]) / 2, 2), "2": round(scores[1], 2)}
+    right = [all(t["accuracy"] >= 100 for t in r["turns"]) for r in rows]
+    assert [r["all_right"] for r in rows] == right and metrics["conversation_accuracy"] == 50.0 * sum(right)
+    assert "# Chat evaluation" in report and "chat: 2 conversations" in stdout
+
+
+def test_chat_prompts_carry_the_earlier_turns(files, monkeypatch):
+    from blip2.eval.chat import evaluate_chat
+    from blip2.inference.pipeline import load
+
+    model = load(files["opt"])
+    prompts = []
+    generate = model._generate
+    monkeypatch.setattr(model, "_generate", lambda soft, p, gen: prompts.extend(p) or generate(soft, p, gen))
+    item = datasets.ChatItem(0, str(files["data"] / "images" / "0.png"), [("what shape is this?", ["circle"]),
+                                                                        ("what color is it?", ["red"])])
+    out = files["root"] / "out-chat-2"
+    out.mkdir()
+    evaluate_chat(model, [item], out, generation={"num_beams": 1, "max_new_tokens": 2})
+    first = read_jsonl(out / PREDICTIONS)[0]["turns"][0]["prediction"]
+    assert prompts == ["Question: what shape is this? Answer:",
+                       f"Question: what shape is this? Answer: {first}. Question: what color is it? Answer:"]
+
+
+def test_easy_vqa_chat_asks_shape_then_colour():
+    items = datasets.load_chat(["easy-vqa-chat:test"], limit=3)
+    labels = easy_vqa.image_labels("test")
+    assert len(items) == 3 and len(datasets.load_chat(["easy-vqa-chat:test"])) == 1000
+    for item in items:
+        colour, shape = labels[item.conversation_id]
+        assert item.turns == [("what shape is this?", [shape]), ("what color is it?", [colour])]
+        assert Path(item.image).name == f"{item.conversation_id}.png"
+
+
 def _one_error_line(code: int, err: str, needle: str) -> None:
     lines = [line for line in err.splitlines() if "blip2: error:" in line]
     assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
@@ -349,6 +403,9 @@ def _one_error_line(code: int, err: str, needle: str) -> None:
         (["caption", "--data", "{data}/vqa.jsonl"], "needs keys 'image' and 'text'"),
         (["retrieval", "--data", "{data}/nothing.json"], "does not exist"),
         (["vqa", "--data", "{data}/vqa.jsonl", "--out", "{data}/vqa.jsonl"], "is a file"),
+        (["chat", "--data", "easy-vqa:test"], "blip2 eval vqa"),
+        (["chat", "--data", "{data}/vqa.jsonl"], "needs keys 'image' and 'turns'"),
+        (["chat", "--data", "{data}/bad_chat.jsonl"], "list of [question, answer] pairs"),
     ],
 )
 def test_bad_inputs_give_one_clear_line(files, capsys, argv, needle):
@@ -368,7 +425,7 @@ def test_wrong_kind_of_model_and_usage_errors(files, capsys):
 
 
 def test_eval_help(capsys):
-    for task in ("vqa", "caption", "retrieval"):
+    for task in ("vqa", "caption", "retrieval", "chat"):
         assert cli.main(["eval", task, "--help"]) == 0
         assert f"usage: blip2 eval {task}" in capsys.readouterr().out
         parser = cli.build_parser()._subparsers._group_actions[0].choices["eval"]

@@ -79,6 +79,20 @@ def test_vqa_jsonl_and_vqav2(tmp_path):
     assert v2[0]["answer"] == "yes" and v2[0]["question"] == "is it red?" and v2[0]["image_id"] == 42
 
 
+def test_vqa_jsonl_history_is_read_and_cleaned(tmp_path):
+    write_images(tmp_path, 1)
+    rows = [{"image": "images/000.png", "question": "What colour is it?", "answers": "red",
+             "history": [["What SHAPE is this?", " circle "]]},
+            {"image": "images/000.png", "question": "is it red?", "answers": "yes"}]
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = build_dataset("vqa", tmp_path / "h.jsonl", tmp_path, IMAGE)
+    assert ds[0]["history"] == [("what shape is this?", "circle")] and ds[1]["history"] == []
+    assert collate([ds[0], ds[1]])["history"] == [[("what shape is this?", "circle")], []]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**rows[0], "history": ["q", "a"]}) + "\n")
+    with pytest.raises(DatasetError, match="'history' must be a list of \\[question, answer\\]"):
+        build_dataset("vqa", tmp_path / "bad.jsonl", tmp_path, IMAGE)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

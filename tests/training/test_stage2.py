@@ -166,3 +166,24 @@ def test_stage1_refits_heads_of_a_stage2_model(tmp_path, stage1_folder, tokenize
     assert after.ask(image, "what color is this ?", num_beams=1, max_new_tokens=3) == \
         before.ask(image, "what color is this ?", num_beams=1, max_new_tokens=3)
     assert len(after.itm(image, ["a red circle"])) == 1
+
+
+def test_vqa_history_prompts_match_chat(tokenizers):
+    """A training record with earlier turns reads exactly the prompt `Blip2.chat` builds for that turn."""
+    from transformers import AutoTokenizer
+
+    from blip2.data.text import chat_prompt
+    from blip2.recipes.stage2 import text_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers["opt"])
+    cfg = Stage2Config(prompt="Question: {} Answer:", data=DataConfig(max_text_len=40))
+    batch = {"index": torch.tensor([0, 1, 2]), "question": ["what color is it?", "is it red?", ""],
+             "answer": ["red", "yes", "a red circle"], "history": [[("what shape is this?", "circle")], [], []]}
+    text = text_batch(batch, tokenizer, cfg, encoder_decoder=False, micro=0)
+    expected = [chat_prompt([("what shape is this?", "circle")], "what color is it?"), "Question: is it red? Answer:", ""]
+    assert expected[0] == "Question: what shape is this? Answer: circle. Question: what color is it? Answer:"
+    for row, (prompt, target) in enumerate(zip(expected, [" red", " yes", "a red circle"])):
+        ids = tokenizer(prompt)["input_ids"] + tokenizer(target, add_special_tokens=False)["input_ids"]
+        assert text.input_ids[row, : len(ids)].tolist() == ids
+        n_prompt = len(tokenizer(prompt)["input_ids"]) if prompt else 0
+        assert (text.labels[row, :n_prompt] == -100).all() and (text.labels[row, n_prompt : len(ids)] != -100).all()

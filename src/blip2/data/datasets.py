@@ -5,6 +5,8 @@ Annotation formats (image paths are relative to an image root folder):
 - COCO captions:  {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}  (one record per
                   caption, as LAVIS' caption datasets), or LAVIS' list [{"image", "caption", "image_id"}]
 - VQA JSONL:      {"image": "a/b.jpg", "question": "what color is it?", "answers": ["red", "red", ...]}
+                  optional "history": [["what shape is this?", "circle"], ...]: earlier turns of a chat about
+                  the image, which the stage-2 prompt puts before the question (as `Blip2.chat` does)
 - VQAv2:          the official questions JSON + annotations JSON; images at
                   {data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg (e.g. train2014/COCO_train2014_...)
 
@@ -153,7 +155,8 @@ def read_coco_captions(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def read_vqa_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """{"image", "question", "answers": [str] | str} per line -> records {"image", "question", "answers"}."""
+    """{"image", "question", "answers": [str] | str[, "history": [[q, a], ...]]} per line -> records
+    {"image", "question", "answers"[, "history"]}."""
     path = Path(path)
     records = []
     for number, row in _read_jsonl(path):
@@ -163,7 +166,15 @@ def read_vqa_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         answers = [row["answers"]] if isinstance(row["answers"], str) else row["answers"]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise DatasetError(f"{where}: 'answers' must be a string or a non-empty list of strings")
-        records.append({"image": str(row["image"]), "question": str(row["question"]), "answers": answers})
+        record = {"image": str(row["image"]), "question": str(row["question"]), "answers": answers}
+        if "history" in row:
+            history = row["history"]
+            if not isinstance(history, list) or not all(
+                isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history
+            ):
+                raise DatasetError(f"{where}: 'history' must be a list of [question, answer] string pairs")
+            record["history"] = [(q, a) for q, a in history]
+        records.append(record)
     return records
 
 
@@ -296,6 +307,8 @@ class VQADataset(_ImageRecords):
         item["question"] = pre_question(rec["question"]) if self.clean_text else rec["question"]
         item["answer"] = most_common_answer(answers)
         item["answers"] = answers
+        clean = pre_question if self.clean_text else str
+        item["history"] = [(clean(q), a.strip()) for q, a in rec.get("history", ())]
         return item
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,11 @@ def vqa_template(is_encoder_decoder: bool) -> str:
     return VQA_TEMPLATE_T5 if is_encoder_decoder else VQA_TEMPLATE_DECODER
 
 
-def chat_prompt(history: list[tuple[str, str]], question: str) -> str:
-    """LAVIS-style multi-turn prompt (REFERENCE §6): 'Question: q Answer: a.' pairs, then the new question."""
-    turns = [f"Question: {q} Answer: {a}." for q, a in history]
-    turns.append(f"Question: {question} Answer:")
+def chat_prompt(history: Sequence[tuple[str, str]], question: str, template: str = VQA_TEMPLATE_DECODER) -> str:
+    """LAVIS-style multi-turn prompt (REFERENCE §6): 'Question: q Answer: a.' pairs, then the new question.
+    Training (stage 2 on VQA records with a `history`) and `Blip2.chat` build prompts with this one function."""
+    turns = [f"{template.format(q)} {a}." for q, a in history]
+    turns.append(template.format(question))
     return " ".join(turns)
 
 

@@ -1,4 +1,4 @@
-"""`blip2 eval vqa|caption|retrieval`: the parser and the command, called from blip2.cli.
+"""`blip2 eval vqa|caption|retrieval|chat`: the parser and the command, called from blip2.cli.
 
 Only the standard library at import time (the CLI's `--help` must stay instant); the runners load when the
 command runs. blip2.cli owns the model and generation options and how a model loads (device, dtype): it
@@ -19,6 +19,8 @@ TASKS = {
                "easy-VQA).",
     "retrieval": "Image-text retrieval: ITC top-k re-ranked by ITM; TR@K and IR@K (and precision@K on "
                  "easy-VQA).",
+    "chat": "Multi-turn chat: each conversation's questions asked in order in one session; VQA accuracy per "
+            "turn and whole conversations right.",
 }
 DATA_HELP = {
     "vqa": "VQA JSONL ({image, question, answers}), VQAv2 questions + annotations JSON (two paths or their "
@@ -27,6 +29,8 @@ DATA_HELP = {
                "easy-vqa-captions:test / easy-vqa-captions:train",
     "retrieval": "a caption file (COCO JSON or JSONL; each image with its captions), or "
                  "easy-vqa-retrieval:test / easy-vqa-retrieval:train",
+    "chat": "a conversation JSONL ({image, turns: [[question, answer], ...]}), or easy-vqa-chat:test / "
+            "easy-vqa-chat:train",
 }  # fmt: skip
 
 
@@ -42,10 +46,10 @@ def _positive_int(text: str) -> int:
 
 def add_eval_parser(subparsers, model_options: argparse.ArgumentParser,
                     generation_options: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]):
-    """Add `eval` with its three tasks to the CLI's subparsers; `func` runs the command."""
+    """Add `eval` with its tasks to the CLI's subparsers; `func` runs the command."""
     text = "Evaluate a model on a dataset: predictions, metrics, a markdown report and sample images."
     p = subparsers.add_parser("eval", help=text, description=text)
-    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True, help="vqa, caption or retrieval")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True, help="vqa, caption, retrieval or chat")
     for task, task_help in TASKS.items():
         parents = [model_options] if task == "retrieval" else [model_options, generation_options]
         t = tasks.add_parser(task, help=task_help, description=task_help, parents=parents)
@@ -53,7 +57,7 @@ def add_eval_parser(subparsers, model_options: argparse.ArgumentParser,
         t.add_argument("--data", "-d", nargs="+", required=True, metavar="PATH_OR_NAME", help=DATA_HELP[task])
         t.add_argument("--image-root", default=None, metavar="DIR",
                        help="folder the data's image paths are relative to (default: the data file's folder)")
-        unit = "questions" if task == "vqa" else "images"
+        unit = {"vqa": "questions", "chat": "conversations"}.get(task, "images")
         t.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                        help=f"only the first N {unit}, for a quick look")
         t.add_argument("--out", "-o", default=None, metavar="DIR",
@@ -100,6 +104,8 @@ def run_eval(args: argparse.Namespace, load: Callable[[], Any], generation: dict
         data = datasets.load_vqa(args.data, args.image_root, args.limit)
     elif task == "caption":
         data = datasets.load_captions(args.data, args.image_root, args.limit)
+    elif task == "chat":
+        data = datasets.load_chat(args.data, args.image_root, args.limit)
     else:
         data = datasets.load_retrieval(args.data, args.image_root, args.limit)
     model = load()
@@ -114,6 +120,10 @@ def run_eval(args: argparse.Namespace, load: Callable[[], Any], generation: dict
 
         result = evaluate_captions(model, data, out, prompt=args.prompt, generation=generation,
                                    backend=args.metrics_backend, **common)
+    elif task == "chat":
+        from blip2.eval.chat import evaluate_chat
+
+        result = evaluate_chat(model, data, out, generation=generation, **common)
     else:
         from blip2.eval.retrieval import evaluate_retrieval
 

@@ -10,6 +10,8 @@
               (one reference per image, "a {colour} {shape}", see blip2.eval.easy_vqa).
 - retrieval:  any caption file (each image with its captions); `easy-vqa-retrieval:test|train` (the split's
               images against the 24 colour-shape texts: every text matches many images).
+- chat:       a conversation JSONL ({"image", "turns": [[question, answer | [answers]], ...]}), or
+              `easy-vqa-chat:test|train` ("what shape is this?" then "what color is it?" about each image).
 Image paths in a file are relative to `image_root`, by default the folder of the (first) data file; every
 image is checked to exist before a model loads. The annotation files are parsed by blip2.data.datasets'
 readers where they keep what evaluation needs (VQAv2 is read here: the evaluation needs the question ids
@@ -29,7 +31,10 @@ from typing import Any
 from blip2.eval import easy_vqa
 
 # Packaged names -> the task they serve.
-PACKAGED = {"easy-vqa": "vqa", "easy-vqa-captions": "caption", "easy-vqa-retrieval": "retrieval"}
+PACKAGED = {"easy-vqa": "vqa", "easy-vqa-captions": "caption", "easy-vqa-retrieval": "retrieval",
+            "easy-vqa-chat": "chat"}
+# The conversation `easy-vqa-chat` holds about each image: the second turn only makes sense after the first.
+EASY_VQA_CHAT = (("what shape is this?", "shape"), ("what color is it?", "colour"))
 _NAME = re.compile(r"([a-z0-9-]+):([a-z0-9-]+)")
 
 
@@ -49,6 +54,13 @@ class CaptionItem:
     image: str
     references: list[str]
     labels: tuple[str, str] | None = None  # easy-VQA (colour, shape)
+
+
+@dataclass(frozen=True)
+class ChatItem:
+    conversation_id: Any
+    image: str
+    turns: list[tuple[str, list[str]]]  # (question, reference answers), asked in order in one session
 
 
 @dataclass
@@ -291,3 +303,56 @@ def _easy_vqa_retrieval(split: str, limit: int | None) -> RetrievalSet:
         txt2img[t].append(i)
     return RetrievalSet([it.image for it in items], [it.image_id for it in items], texts, img2txt, txt2img,
                         multi_image_texts=True)
+
+
+# ---------------------------------------------------------------------------------------------------- chat
+
+
+def _read_chat_jsonl(path: Path) -> list[tuple[Any, str, list[tuple[str, list[str]]]]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where} is not valid JSON.") from None
+        if not isinstance(row, dict) or not {"image", "turns"} <= set(row):
+            raise ValueError(f"{where} needs keys 'image' and 'turns'.")
+        turns = []
+        for turn in row["turns"] if isinstance(row["turns"], list) else [None]:
+            if not (isinstance(turn, list) and len(turn) == 2 and isinstance(turn[0], str)):
+                raise ValueError(f"{where}: 'turns' must be a non-empty list of [question, answer] pairs.")
+            answers = [turn[1]] if isinstance(turn[1], str) else turn[1]
+            if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+                raise ValueError(f"{where}: a turn's answer must be a string or a non-empty list of strings.")
+            turns.append((turn[0], answers))
+        if not turns:
+            raise ValueError(f"{where}: 'turns' must be a non-empty list of [question, answer] pairs.")
+        rows.append((row.get("conversation_id", len(rows)), str(row["image"]), turns))
+    return rows
+
+
+def load_chat(spec: Sequence[str], image_root: str | os.PathLike | None = None,
+              limit: int | None = None) -> list[ChatItem]:
+    """Conversations from `--data` (module docstring), the first `limit` of them."""
+    named = packaged_name(spec)
+    if named is not None:
+        _check_task(named[0], "chat")
+        labels = easy_vqa.image_labels(named[1])
+        paths = {q.image_id: q.image for q in easy_vqa.questions(named[1])}
+        items = []
+        for image_id in sorted(labels):
+            answer = dict(zip(("colour", "shape"), labels[image_id]))
+            items.append(ChatItem(image_id, paths[image_id], [(q, [answer[kind]]) for q, kind in EASY_VQA_CHAT]))
+        return _limit(items, limit)
+    paths = _existing_paths(spec)
+    if len(paths) != 1 or paths[0].is_dir():
+        raise ValueError("chat evaluation reads one conversation JSONL file.")
+    rows = _read_chat_jsonl(paths[0])
+    if not rows:
+        raise ValueError(f"{paths[0]} holds no conversations.")
+    rows = _limit(rows, limit)
+    images = _resolve_images([r[1] for r in rows], _root(image_root, paths[0]), paths[0])
+    return [ChatItem(cid, img, turns) for (cid, _, turns), img in zip(rows, images)]

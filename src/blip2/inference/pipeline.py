@@ -328,7 +328,7 @@ class ChatSession:
         tokenizer = self.owner.tokenizer
         limit = self._context_limit()
         while True:
-            prompt = chat_prompt(self.history, question)
+            prompt = chat_prompt(self.history, question, vqa_template(self.owner.is_encoder_decoder))
             if len(tokenizer(prompt)["input_ids"]) <= limit:
                 return prompt
             if not self.history:

@@ -7,6 +7,7 @@ features are those before the trainable post-LN, so the cache stays valid while 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,13 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         from blip2.convert.checkpoint import init_model
         from blip2.models import presets
 
-        model = init_model(getattr(presets, f"{args.model.split(':', 1)[1]}_config")())
+        # Only the image encoder runs here: leave the (large) language model out of a preset.
+        cfg = getattr(presets, f"{args.model.split(':', 1)[1]}_config")()
+        model = init_model(dataclasses.replace(cfg, language=None))
     else:
         from blip2.convert.checkpoint import load_model
         from blip2.inference.registry import resolve_name
 
         model, _ = load_model(resolve_name(args.model))
     model.to(args.device).eval()
+    # Cached features stand in for what the encoder computes at inference (often on CPU, in full fp32): no
+    # TF32 convolutions/matmuls on GPU, whose rounding (~1e-3) would differ from it.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     folder = cache_features(model, args.image_root or root, images, args.out, args.batch_size)
     print(f"cached {len(set(images))} images to {folder}")
     return 0

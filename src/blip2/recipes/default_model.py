@@ -3,8 +3,9 @@
     python -m blip2.recipes.default_model [--work runs/default] [--stage1-steps N] [--stage2-steps N] [--resume]
 
 1. data:   easy-VQA *train* split only (never test): captions "a {colour} {shape}" derived from each image's
-           answers (one ITC class per colour-shape pair, so same-caption images are positives), and the
-           38,575 questions with their answers, mixed with the captions for stage 2.
+           answers (one ITC class per colour-shape pair, so same-caption images are positives); for stage 2
+           the 38,575 questions with their answers, the 4,000 captions and 16,000 chat turns derived from the
+           same labels ("what shape is this?" -> "circle", then "what color is it?" -> "red").
 2. cache:  EfficientNet-Lite0 runs once over the 4,000 train images (augmentation off).
 3. stage 1 (configs/default_stage1.yaml): ITC + ITM + ITG; Q-Former initialised from all-MiniLM-L6-v2.
 4. stage 2 (configs/default_stage2.yaml): SmolLM2-135M-Instruct (GGUF) frozen; the question also feeds the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -32,8 +34,32 @@ CONFIGS = ROOT / "configs"
 PACKAGE_DEFAULT = Path(__file__).resolve().parents[1] / "default"
 
 
+# Chat turns derived from each train image's labels: the pronoun questions of a conversation ("what shape is
+# this?" then "what color is it?") never occur in easy-VQA's own templates.
+CHAT_OPENERS = {"shape": ("what shape is this?", "what is this shape?"), "colour": ("what color is this?", "what color is the shape?")}
+CHAT_FOLLOW_UPS = {"shape": ("what shape is it?", "and its shape?"), "colour": ("what color is it?", "what colour is it?", "and its color?")}
+
+
+def chat_records(image: str, colour: str, shape: str, rng: random.Random) -> list[dict]:
+    """Four VQA records for one image: a pronoun question alone, the other attribute as a follow-up (both
+    orders), and a yes/no follow-up, each in the `history` form Blip2.chat prompts with."""
+    answer = {"shape": shape, "colour": colour}
+    first, second = rng.sample(("shape", "colour"), 2)
+    opener = rng.choice(CHAT_OPENERS[first])
+    probe = rng.choice(easy_vqa.COLOURS)
+    return [
+        {"image": image, "question": rng.choice(CHAT_OPENERS[second]), "answers": [answer[second]]},
+        {"image": image, "question": rng.choice(CHAT_FOLLOW_UPS[second]), "answers": [answer[second]],
+         "history": [[opener, answer[first]]]},
+        {"image": image, "question": rng.choice(CHAT_FOLLOW_UPS[first]), "answers": [answer[first]],
+         "history": [[rng.choice(CHAT_OPENERS[second]), answer[second]]]},
+        {"image": image, "question": f"is it {probe}?", "answers": ["yes" if probe == colour else "no"],
+         "history": [[opener, answer[first]]]},
+    ]
+
+
 def write_data(work: Path) -> dict[str, Path]:
-    """Train-split annotation files: captions.jsonl (stage 1) and stage2.jsonl (questions + captions)."""
+    """Train-split annotation files: captions.jsonl (stage 1) and stage2.jsonl (questions, captions, chat)."""
     work.mkdir(parents=True, exist_ok=True)
     labels = easy_vqa.image_labels("train")
     texts = easy_vqa.all_caption_texts()
@@ -45,11 +71,15 @@ def write_data(work: Path) -> dict[str, Path]:
             text = easy_vqa.caption_text(colour, shape)
             f.write(json.dumps({"image": paths[image_id].name, "text": text, "image_id": texts.index(text)}) + "\n")
     stage2 = work / "stage2.jsonl"
+    rng = random.Random(0)
     with stage2.open("w") as f:
         for q in qs:
             f.write(json.dumps({"image": Path(q.image).name, "question": q.question, "answers": [q.answer]}) + "\n")
         for image_id, (colour, shape) in sorted(labels.items()):  # an empty question = a caption record
-            f.write(json.dumps({"image": paths[image_id].name, "question": "", "answers": [easy_vqa.caption_text(colour, shape)]}) + "\n")
+            name = paths[image_id].name
+            f.write(json.dumps({"image": name, "question": "", "answers": [easy_vqa.caption_text(colour, shape)]}) + "\n")
+            for record in chat_records(name, colour, shape, rng):
+                f.write(json.dumps(record) + "\n")
     return {"captions": captions, "stage2": stage2, "images": paths[next(iter(paths))].parent}
 
 
@@ -80,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-export", action="store_true", help="do not copy the result into the package")
     parser.add_argument("--refit-steps", type=int, default=None, help="override configs/default_refit.yaml steps")
     parser.add_argument("--only", choices=["data", "cache", "stage1", "stage2", "refit", "export"], default=None)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for the feature cache and every stage")
+    for stage in ("stage1", "stage2", "refit"):
+        parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
+                            help=f"config overrides for {stage} (e.g. batch_size=64 lr=2e-4)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
@@ -92,25 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     cache = work / "features-train"
     if args.only in (None, "cache") and not (cache / "index.json").exists():
         code = run_recipe("cache-features", ["--model", "preset:default", "--data", str(files["captions"]),
-                                             "--image-root", str(files["images"]), "--out", str(cache)])
+                                             "--image-root", str(files["images"]), "--out", str(cache),
+                                             "--device", args.device, "--batch-size", "128"])
         if code:
             return code
-    common = ["data.augment=false", f"data.feature_cache={cache}", f"data.image_root={files['images']}"]
+    common = ["data.augment=false", f"data.feature_cache={cache}", f"data.image_root={files['images']}",
+              f"device={args.device}"]
     if args.only in (None, "stage1"):
         code = run_recipe("stage1", ["--config", str(CONFIGS / "default_stage1.yaml"), *resume, *common,
-                                     f"data.path={files['captions']}", f"output_dir={work / 'stage1'}", *steps(args.stage1_steps)])
+                                     f"data.path={files['captions']}", f"output_dir={work / 'stage1'}", *steps(args.stage1_steps), *args.stage1])
         if code:
             return code
     if args.only in (None, "stage2"):
         code = run_recipe("stage2", ["--config", str(CONFIGS / "default_stage2.yaml"), *resume, *common,
                                      f"data.path={files['stage2']}", f"init_from={work / 'stage1' / 'final'}",
-                                     f"output_dir={work / 'stage2'}", *steps(args.stage2_steps)])
+                                     f"output_dir={work / 'stage2'}", *steps(args.stage2_steps), *args.stage2])
         if code:
             return code
     if args.only in (None, "refit"):
         code = run_recipe("stage1", ["--config", str(CONFIGS / "default_refit.yaml"), *resume, *common,
                                      f"data.path={files['captions']}", f"init_from={work / 'stage2' / 'final'}",
-                                     f"output_dir={work / 'refit'}", *steps(args.refit_steps)])
+                                     f"output_dir={work / 'refit'}", *steps(args.refit_steps), *args.refit])
         if code:
             return code
     if args.only in (None, "export") and not args.skip_export:

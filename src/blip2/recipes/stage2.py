@@ -36,7 +36,7 @@ from blip2.convert.checkpoint import CheckpointError, init_model, load_model, sa
 from blip2.data.collate import LMBatch, decoder_only_batch, encoder_decoder_batch, split_caption
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.datasets import DatasetError, build_dataset, check_images, collate, read_records
-from blip2.data.text import vqa_template
+from blip2.data.text import chat_prompt, vqa_template
 from blip2.data.webdataset import check_shards, webdataset_loader
 from blip2.models.blip2 import Blip2Model
 from blip2.models.config import Blip2Config, ConfigError as ModelConfigError, LanguageConfig
@@ -240,7 +240,9 @@ def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_deco
         if "{}" not in template:
             raise ConfigError(f"VQA data needs a prompt template with {{}} for the question, got {template!r}")
         # An empty question marks a caption record: the LLM reads only the soft prompt (mixed caption+VQA data).
-        prompts = [template.format(q) if q else "" for q in batch["question"]]
+        # Earlier chat turns (a record's `history`) come first, in Blip2.chat's format.
+        histories = batch.get("history") or [()] * n
+        prompts = [chat_prompt(h, q, template) if q else "" for q, h in zip(batch["question"], histories)]
         targets = list(batch["answer"])
     elif cfg.prompt:
         prompts, targets = [cfg.prompt] * n, list(batch["text"])
