@@ -25,15 +25,20 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -n 2 tests
 
-# The main job on the embedded default model: captions and answers about the bundled example images.
+# The main job on the embedded default model: captions, answers, a chat, matching and retrieval on the bundled
+# example images (easy-VQA test images).
 demo: install
 	$(BIN)/blip2 caption examples/*.png --model default
 	$(BIN)/blip2 ask examples/easy-vqa-test-0.png "what shape is this?" "what color is the shape?" "is there a circle?" --model default
+	printf 'what shape is this?\nwhat color is it?\n' | $(BIN)/blip2 chat examples/easy-vqa-test-1.png --model default
+	$(BIN)/blip2 itm examples/easy-vqa-test-2.png "a red circle" "a blue triangle" --model default
 	$(BIN)/blip2 retrieve "a yellow circle" --images examples --model default -k 2
 
 # Re-train the default model with our recipes (easy-VQA train split), then export it into src/blip2/default.
+# DEVICE=cuda needs an environment whose torch has CUDA (this Makefile's .venv pins the CPU build).
+DEVICE ?= cpu
 default-model: install
-	$(BIN)/python -m blip2.recipes.default_model --work runs/default --resume
+	$(BIN)/python -m blip2.recipes.default_model --work runs/default --resume --device $(DEVICE)
 
 bench: install
 	$(BIN)/python benchmarks/bench_inference.py
