@@ -229,7 +229,6 @@ def test_retrieve_from_a_directory(files, capsys):
         (["caption", "{dir}", "-m", "{opt}"], "is a directory"),
         (["caption", "{img}", "-m", "{root}/no-such-model"], "no checkpoint folder"),
         (["caption", "{img}", "-m", "{img}"], "is a file"),
-        (["caption", "{img}"], "default model is not bundled"),
         (["caption", "{img}", "-m", "{itm}"], "no language model"),
         (["chat", "{img}", "-m", "{itm}"], "no language model"),
         (["itm", "{img}", "a cat", "-m", "{opt}"], "no image-text matching heads"),
@@ -243,6 +242,15 @@ def test_user_mistakes_give_one_clear_line(files, capsys, argv, needle):
     code, out, err = run(capsys, *[a.format(**files) for a in argv])
     assert code == cli.EXIT_ERROR and out == ""
     assert_clean_error(code, err, needle)
+
+
+def test_an_install_without_the_default_model_says_so(files, capsys, monkeypatch, tmp_path):
+    from blip2.inference import registry
+
+    monkeypatch.setattr(registry, "DEFAULT_DIR", tmp_path)  # e.g. a wheel built without src/blip2/default
+    code, out, err = run(capsys, "caption", files["img"])
+    assert code == cli.EXIT_ERROR and out == ""
+    assert_clean_error(code, err, "default model is not bundled")
 
 
 @pytest.mark.parametrize(

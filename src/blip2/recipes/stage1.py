@@ -55,6 +55,7 @@ from blip2.training.loop import (
 from blip2.training.metrics import MetricsLogger, plot_losses, read_metrics
 from blip2.training.optim import build_optimizer, build_scheduler
 from blip2.training.options import TrainConfig
+from blip2.eval.validation import build_validator
 from blip2.training.sampler import make_loader, micro_batches
 
 log = logging.getLogger("blip2.train.stage1")
@@ -197,6 +198,10 @@ def _train(cfg: Stage1Config, env: DistEnv) -> TrainResult:
         loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
                                       cfg.data.num_workers, pin_memory=env.device.type == "cuda")
 
+    try:
+        validator = build_validator(cfg.val, model)  # reads the validation set now: bad paths fail before compute
+    except ValueError as err:
+        raise ConfigError(f"val: {err}") from None
     # -- setup: optimisation, resume --------------------------------------------------------------------------
     model.qformer.encoder.gradient_checkpointing = cfg.grad_checkpointing
     model.to(env.device).train()
@@ -272,6 +277,14 @@ def _train(cfg: Stage1Config, env: DistEnv) -> TrainResult:
             logger.log(step, record)
         if (cfg.save_every and step % cfg.save_every == 0) or step == end:
             result.checkpoint = save(step)
+        if validator is not None and ((cfg.val.every and step % cfg.val.every == 0) or step == end):
+            if env.is_main:
+                with autocast(cfg.precision, env.device):
+                    scores = validator(model, None, tokenizer)
+                logger.log(step, scores)
+                result.validation.append({"step": step, **scores})
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+            barrier(env)
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -300,9 +313,9 @@ def _train(cfg: Stage1Config, env: DistEnv) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(Stage1Config, argv, prog="blip2 train stage1", description=__doc__.split("\n\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
+    try:  # a bad key or value in the config is a user's mistake too: one line, no traceback
+        cfg = parse_args(Stage1Config, argv, prog="blip2 train stage1", description=__doc__.split("\n\n")[0])
         result = run(cfg)
     except (ConfigError, ModelConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
         print(f"blip2 train stage1: error: {err}", file=sys.stderr)

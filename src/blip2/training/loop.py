@@ -158,3 +158,4 @@ class TrainResult:
     steps_per_s: float = 0.0
     samples_per_s: float = 0.0
     plot: Path | None = None
+    validation: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_...": ...} per validation

@@ -27,9 +27,22 @@ class DataConfig:
 
 
 @dataclass
+class ValConfig:
+    """Validation during training (blip2.eval.validation): off unless `task` is set."""
+
+    task: Literal["", "vqa", "caption", "retrieval"] = ""  # vqa / caption need an LLM (stage 2)
+    data: str = ""  # as `blip2 eval --data`: a file, a VQAv2 folder, or e.g. easy-vqa:test
+    image_root: str = ""  # "" = the data file's folder
+    limit: int = 200  # the first N questions / images: a quick signal, not the final evaluation
+    every: int = 0  # validate every N steps; 0 = only at the end of the run
+    batch_size: int = 16
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/blip2"
     data: DataConfig = field(default_factory=DataConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     # optimisation
     steps: int = 1000  # optimizer updates in the whole run
     batch_size: int = 8  # per process and micro-batch: global batch = batch_size * world size * grad_accum

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from blip2.data.datasets import DatasetError
+
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
     def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
@@ -25,8 +27,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = size // self.global_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(
+        if self.batches_per_epoch == 0:  # a user's setting, reported as one line by the recipes
+            raise DatasetError(
                 f"the dataset has {size} items, fewer than one global batch ({batch_size} per process x "
                 f"{world_size} processes = {self.global_batch}): lower batch_size or add data"
             )
