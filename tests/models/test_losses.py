@@ -257,3 +257,41 @@ def test_gradient_checkpointing_gives_the_same_gradients(stage1):
     stage1.zero_grad()
     stage1.eval()
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_unfrozen_vit_checkpointing_gives_the_same_features_and_gradients(monkeypatch):
+    """An unfrozen ViT (stage-1 `trainable` naming its layers) recomputes each layer in backward under
+    `set_gradient_checkpointing(True)`: same features, same gradients, and the layers really are re-run."""
+    torch.manual_seed(0)
+    model = Blip2Model(tm.our_config(None))
+    model.freeze_frozen_parts()
+    tower = model.vision_model
+    for p in tower.encoder.layers[-1].parameters():
+        p.requires_grad_(True)
+    pixels = torch.randn(2, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE)
+    from blip2.models.vision import hf
+
+    calls = []
+    run_layer = hf._layer_output
+    monkeypatch.setattr(hf, "_layer_output", lambda layer, x: calls.append(layer) or run_layer(layer, x))
+    results = []
+    for on in (False, True):
+        model.zero_grad()
+        model.set_gradient_checkpointing(on)
+        calls.clear()
+        feats = model.encode_image(pixels)
+        feats.square().sum().backward()
+        results.append((feats.detach(), tower.encoder.layers[-1].mlp.fc1.weight.grad.clone(), len(calls)))
+    model.set_gradient_checkpointing(False)
+    (plain, plain_grad, plain_calls), (ckpt, ckpt_grad, ckpt_calls) = results
+    assert torch.equal(plain, ckpt)
+    assert torch.allclose(plain_grad, ckpt_grad, atol=1e-6) and plain_grad.abs().sum() > 0
+    # Without checkpointing the encoder runs its own loop; with it, every layer once in forward and the
+    # trainable last one again in backward (the frozen first one needs no recomputation).
+    assert (plain_calls, ckpt_calls) == (0, len(tower.encoder.layers) + 1)
+    assert calls[-1] is tower.encoder.layers[-1]
+    with torch.no_grad():  # inference never checkpoints
+        model.set_gradient_checkpointing(True)
+        calls.clear()
+        assert torch.equal(model.encode_image(pixels), plain) and not calls
+        model.set_gradient_checkpointing(False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,10 @@ import tiny_models as tm
 from conftest import losses_close, save_tiny_checkpoint, without_dropout, write_images, write_pairs
 from blip2.data.datasets import DatasetError
 from blip2.recipes import run_recipe
+from blip2.recipes import stage1
 from blip2.recipes.stage1 import Stage1Config, main, run
+from blip2.training.config import ConfigError
+from blip2.training.loop import seed_everything
 from blip2.training import checkpoint as ckpt
 from blip2.training.metrics import read_metrics
 from blip2.training.options import DataConfig
@@ -155,3 +159,24 @@ def test_stage1_reads_the_feature_cache(tmp_path):
     assert len(plain.losses) == len(cached.losses) == 3
     for a, b in zip(plain.losses, cached.losses):
         assert abs(a - b) < 1e-2
+
+
+def test_stage1_trains_an_unfrozen_vit_with_checkpointing(tmp_path, tokenizers):
+    """`trainable` may name vision layers (LAVIS freeze_vit=False); grad_checkpointing then also recomputes
+    the ViT's layers. A feature cache cannot feed a tower that trains: a clear error before compute."""
+    last = f"vision_model.encoder.layers.{tm.our_config(None).vision.hf_config['num_hidden_layers'] - 1}."
+    trainable = ["qformer", "query_tokens", "vision_projection", "text_projection", "itm_head", "temp",
+                 "qformer_lm_head", "vision_model.post_layernorm", last]
+    cfg = config(tmp_path, tokenizers, trainable=trainable, grad_checkpointing=True, steps=2, export=False, plot=False)
+    seed_everything(cfg.seed)  # as the recipe does before it builds the model: the same initial weights
+    model, _ = stage1.build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(last)}
+    result = run(cfg)
+    assert len(result.losses) == 2
+    weights, _ = ckpt.load_checkpoint(result.checkpoint)
+    assert set(before) <= set(weights) and any(not torch.equal(weights[k], v) for k, v in before.items())
+    frozen = "vision_model.encoder.layers.0."  # not in `trainable`: not saved, so untouched
+    assert not any(k.startswith(frozen) for k in weights)
+    cfg = dataclasses.replace(cfg, data=DataConfig(path=cfg.data.path, feature_cache=str(tmp_path / "cache")))
+    with pytest.raises(ConfigError, match="data.feature_cache skips it"):
+        run(cfg)

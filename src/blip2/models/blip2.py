@@ -119,6 +119,13 @@ class Blip2Model(nn.Module):
                 param.requires_grad_(False)
         self.train(self.training)
 
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Recompute the Q-Former's layers in backward (and an unfrozen vision tower's, where it supports it):
+        less activation memory for ~30% more time, the same gradients."""
+        self.qformer.encoder.gradient_checkpointing = on
+        if hasattr(self.vision_model, "gradient_checkpointing"):
+            self.vision_model.gradient_checkpointing = on
+
     def train(self, mode: bool = True) -> Blip2Model:
         super().train(mode)
         # The frozen towers never train: no dropout, no batch-norm statistics updates.

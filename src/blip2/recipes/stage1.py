@@ -122,6 +122,11 @@ def build_model(cfg: Stage1Config) -> tuple[Blip2Model, Path | None]:
             param.requires_grad_(name.startswith(prefixes))
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"trainable={list(prefixes)} matches no parameter of the model")
+        tower = model.vision_model
+        unfrozen = [n for n, p in tower.named_parameters() if p.requires_grad and not n.startswith(tower.trainable_prefixes)]
+        if unfrozen and cfg.data.feature_cache:
+            raise ConfigError(f"trainable unfreezes the vision tower (vision_model.{unfrozen[0]}, ...), but "
+                              "data.feature_cache skips it: train from images (drop data.feature_cache)")
     return model, folder
 
 
@@ -203,7 +208,7 @@ def _train(cfg: Stage1Config, env: DistEnv) -> TrainResult:
     except ValueError as err:
         raise ConfigError(f"val: {err}") from None
     # -- setup: optimisation, resume --------------------------------------------------------------------------
-    model.qformer.encoder.gradient_checkpointing = cfg.grad_checkpointing
+    model.set_gradient_checkpointing(cfg.grad_checkpointing)
     model.to(env.device).train()
     step, micro, skipped = 0, 0, 0
     state = None

@@ -308,7 +308,7 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     except ValueError as err:
         raise ConfigError(f"val: {err}") from None
     # -- setup: optimisation, resume --------------------------------------------------------------------------
-    model.qformer.encoder.gradient_checkpointing = cfg.grad_checkpointing
+    model.set_gradient_checkpointing(cfg.grad_checkpointing)
     model.to(env.device).train()
     step, micro, skipped = 0, 0, 0
     state = None

@@ -66,7 +66,7 @@ class TrainConfig:
     stop_after: int | None = None  # end this job after this step (checkpointed), e.g. for time limits
     export: bool = True  # write output_dir/final in the checkpoint layout `blip2.load` reads
     tensorboard: bool = False
-    grad_checkpointing: bool = False  # recompute Q-Former layers in backward: less memory, ~30% more time
+    grad_checkpointing: bool = False  # recompute Q-Former (and unfrozen ViT) layers in backward: less memory, ~30% more time
     progress: bool = True  # tqdm bar on the main process
     plot: bool = True  # output_dir/loss.png at the end
     find_unused_parameters: bool = False  # DDP option, for models with parameters a step does not use

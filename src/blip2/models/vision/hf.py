@@ -8,16 +8,29 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, Blip2VisionConfig, CLIPVisionModel, SiglipVisionModel
-from transformers.models.blip_2.modeling_blip_2 import Blip2VisionModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer, Blip2VisionModel
+
+
+def _layer_output(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    out = layer(hidden) if _LAYER_TAKES_ONLY_HIDDEN else layer(hidden, None)  # transformers 5 / 4 signatures
+    return out[0] if isinstance(out, tuple) else out
+
+
+_LAYER_TAKES_ONLY_HIDDEN = "attention_mask" not in inspect.signature(Blip2EncoderLayer.forward).parameters
 
 
 class Blip2VisionTower(nn.Module):
     trainable_prefixes = ("post_layernorm",)
+    # When the ViT is unfrozen (stage-1 `trainable` naming its layers), recompute each layer in backward
+    # instead of keeping its activations: the recipes set this from `grad_checkpointing`.
+    gradient_checkpointing = False
 
     def __init__(self, hf_config: dict[str, Any]):
         super().__init__()
@@ -33,7 +46,12 @@ class Blip2VisionTower(nn.Module):
     def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's output before the trainable `post_layernorm`: what a feature cache stores."""
         x = self.embeddings(pixel_values)  # (B, 1 + (S/p)^2, D)
-        return self.encoder(inputs_embeds=x).last_hidden_state
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()
+                and any(p.requires_grad for p in self.encoder.parameters())):
+            return self.encoder(inputs_embeds=x).last_hidden_state
+        for layer in self.encoder.layers:  # the encoder's own loop, one checkpoint per layer
+            x = checkpoint(_layer_output, layer, x, use_reentrant=False)
+        return x
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.post_layernorm(self.frozen_features(pixel_values))
