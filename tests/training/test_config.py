@@ -75,10 +75,15 @@ def test_parse_args(tmp_path, capsys):
     assert "steps: 5" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name, cls", [("stage1.yaml", Stage1Config), ("stage2.yaml", Stage2Config)])
+@pytest.mark.parametrize("name, cls", [("stage1.yaml", Stage1Config), ("stage2.yaml", Stage2Config),
+                                       ("pretrain_vitg_stage1.yaml", Stage1Config),
+                                       ("pretrain_vitg_opt2.7b_stage2.yaml", Stage2Config),
+                                       ("pretrain_vitg_flant5xl_stage2.yaml", Stage2Config),
+                                       ("default_stage1.yaml", Stage1Config), ("default_stage2.yaml", Stage2Config),
+                                       ("default_refit.yaml", Stage1Config)])
 def test_shipped_configs_parse(name, cls):
     cfg = load_config(cls, CONFIGS / name)
-    assert cfg.steps > 0 and cfg.data.path
+    assert cfg.steps > 0 and (cfg.data.path or name.startswith("default_"))  # default_model.py fills those in
 
 
 def test_shipped_stage1_model_config_is_valid():
@@ -87,3 +92,22 @@ def test_shipped_stage1_model_config_is_valid():
     model = Blip2Config.from_dict(load_config(Stage1Config, CONFIGS / "stage1.yaml").model)
     assert model.stage1_heads and model.itg_head and model.language is None
     assert model.qformer.encoder_hidden_size == 1280  # EfficientNet-Lite0's width
+
+
+def test_published_architecture_configs_describe_the_paper_models():
+    """ViT-g/14 (1408 wide, 39 layers) -> BERT-base Q-Former with 32 queries -> OPT-2.7B / Flan-T5-XL."""
+    from blip2.models.config import Blip2Config, LanguageConfig
+
+    stage1 = load_config(Stage1Config, CONFIGS / "pretrain_vitg_stage1.yaml")
+    model = Blip2Config.from_dict(stage1.model)
+    assert model.num_query_tokens == 32 and model.qformer.num_hidden_layers == 12 and model.qformer.hidden_size == 768
+    assert model.qformer.encoder_hidden_size == model.vision.hf_config["hidden_size"] == 1408
+    assert model.vision.hf_config["num_hidden_layers"] == 39 and model.vision.pretrained == "Salesforce/blip2-opt-2.7b"
+    assert stage1.batch_size * 16 == 1680 and stage1.steps == 250_000
+    for name, hidden, encoder_decoder, batch in (("opt2.7b", 2560, False, 1920), ("flant5xl", 2048, True, 1520)):
+        stage2 = load_config(Stage2Config, CONFIGS / f"pretrain_vitg_{name}_stage2.yaml")
+        language = LanguageConfig(**stage2.language)
+        assert language.is_encoder_decoder == encoder_decoder and language.pretrained
+        assert language.hf_config.get("hidden_size", language.hf_config.get("d_model")) == hidden
+        assert stage2.init_from == "runs/pretrain_vitg_stage1/final" and stage2.batch_size * 16 == batch
+        assert stage2.steps == 80_000 and stage2.min_lr == 5e-5

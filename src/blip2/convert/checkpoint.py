@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from blip2.convert.hf import config_from_hf, config_to_hf, image_config_to_preprocessor
 from blip2.models.blip2 import Blip2Model
-from blip2.models.config import Blip2Config
+from blip2.models.config import Blip2Config, VisionConfig
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -65,11 +65,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return Path(folder)
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(folder: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors file(s), or only those whose key starts with `prefix`
+    (only the shards holding them are opened)."""
     files = [folder / WEIGHTS]
     if (folder / WEIGHTS_INDEX).exists():
         index = json.loads((folder / WEIGHTS_INDEX).read_text())
-        files = sorted({folder / f for f in index["weight_map"].values()})
+        files = sorted({folder / f for k, f in index["weight_map"].items() if k.startswith(prefix)})
     elif not files[0].exists():
         found = ", ".join(sorted(p.name for p in folder.glob("*.bin"))) or "none"
         raise CheckpointError(f"{folder} has no {WEIGHTS} (pytorch .bin files found: {found}; we only read safetensors)")
@@ -77,8 +79,33 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                state[key] = f.get_tensor(key)
+                if key.startswith(prefix):
+                    state[key] = f.get_tensor(key)
     return state
+
+
+def pretrained_vision(cfg: VisionConfig) -> torch.nn.Module:
+    """The frozen image tower with its weights. Packaged and transformers towers load themselves; BLIP-2's EVA
+    ViT (kind "blip2") takes the `vision_model.*` tensors of a BLIP-2 checkpoint named by `pretrained` (a
+    folder or hub name such as Salesforce/blip2-opt-2.7b: only its vision shard is read), which is how a
+    stage 1 starts from the published ViT-g."""
+    from accelerate import init_empty_weights
+
+    from blip2.models.vision import build_vision_encoder
+
+    if not (cfg.kind == "blip2" and cfg.pretrained is not None):
+        return build_vision_encoder(cfg, load_pretrained=True)
+    prefix = "vision_model."
+    state = {k.removeprefix(prefix): v for k, v in read_state_dict(resolve(cfg.pretrained), prefix).items()}
+    if not state:
+        raise CheckpointError(f"{cfg.pretrained} holds no {prefix}* tensors: name a BLIP-2 checkpoint for the ViT")
+    with init_empty_weights(include_buffers=False):  # a ViT-g is 1B parameters: never allocate them twice
+        tower = build_vision_encoder(cfg)
+    missing, unexpected = tower.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CheckpointError(f"{cfg.pretrained}'s vision model does not fit vision.hf_config: missing "
+                              f"{_short(missing)}; unexpected {_short(unexpected)}")
+    return tower
 
 
 def stored_keys(model: Blip2Model) -> list[str]:
@@ -107,9 +134,7 @@ def build_model(cfg: Blip2Config, state: dict[str, torch.Tensor]) -> Blip2Model:
     with init_empty_weights(include_buffers=False):
         model = Blip2Model(cfg)
     if cfg.vision.pretrained is not None or cfg.vision.kind == "efficientnet_lite0":
-        from blip2.models.vision import build_vision_encoder
-
-        model.vision_model = build_vision_encoder(cfg.vision, load_pretrained=True)
+        model.vision_model = pretrained_vision(cfg.vision)
     if cfg.language is not None and cfg.language.pretrained is not None:
         from blip2.models.language import load_pretrained_language_model
 
@@ -217,7 +242,7 @@ def init_model(cfg: Blip2Config, bert: str | os.PathLike | None = None) -> Blip2
     from blip2.models.language import build_language_model, load_pretrained_language_model
     from blip2.models.vision import build_vision_encoder
 
-    model.vision_model = build_vision_encoder(cfg.vision, load_pretrained=external["vision_model"])
+    model.vision_model = pretrained_vision(cfg.vision) if external["vision_model"] else build_vision_encoder(cfg.vision)
     if cfg.language is not None:
         model.language_model = (
             load_pretrained_language_model(cfg.language) if external["language_model"] else build_language_model(cfg.language)
