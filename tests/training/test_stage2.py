@@ -187,3 +187,33 @@ def test_vqa_history_prompts_match_chat(tokenizers):
         assert text.input_ids[row, : len(ids)].tolist() == ids
         n_prompt = len(tokenizer(prompt)["input_ids"]) if prompt else 0
         assert (text.labels[row, :n_prompt] == -100).all() and (text.labels[row, n_prompt : len(ids)] != -100).all()
+
+
+def test_the_frozen_llm_in_half_precision(tmp_path, stage1_folder, tokenizers):
+    """llm_dtype "auto" casts the frozen LLM to the autocast dtype on GPU, and only an LLM reloaded from
+    `language.pretrained` (one stored in our checkpoints is never rounded unasked); bf16 asked for on CPU
+    trains the bridge through a bf16 LLM and the export, which stores that LLM, loads and generates."""
+    from blip2.recipes.stage2 import llm_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert llm_dtype(Stage2Config(precision="bf16"), cpu, reloaded=True) is None
+    assert llm_dtype(Stage2Config(precision="bf16"), gpu, reloaded=True) is torch.bfloat16
+    assert llm_dtype(Stage2Config(precision="fp16"), gpu, reloaded=True) is torch.float16
+    assert llm_dtype(Stage2Config(precision="bf16"), gpu, reloaded=False) is None
+    assert llm_dtype(Stage2Config(precision="bf16", llm_dtype="fp32"), gpu, reloaded=True) is None
+    assert llm_dtype(Stage2Config(llm_dtype="bf16"), cpu, reloaded=False) is torch.bfloat16
+    cfg = config(tmp_path, init_from=str(stage1_folder), language=language("opt"), tokenizer=str(tokenizers["opt"]),
+                 precision="bf16", llm_dtype="bf16", steps=3, plot=False)
+    model, _ = build_model(cfg)
+    before = model.language_projection.weight.detach().clone()
+    result = run(cfg)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    from blip2.convert.checkpoint import read_state_dict
+
+    stored = read_state_dict(result.final_dir)
+    llm = [v for k, v in stored.items() if k.startswith("language_model.") and v.is_floating_point()]
+    assert llm and all(v.dtype == torch.bfloat16 for v in llm)  # asked for: the export stores the bf16 LLM
+    assert stored["language_projection.weight"].dtype == torch.float32  # trainable parts stay fp32
+    assert not torch.equal(stored["language_projection.weight"], before)
+    captions = blip2.load(result.final_dir).caption([str(tmp_path / "images" / "000.png")], num_beams=1, max_new_tokens=3)
+    assert len(captions) == 1

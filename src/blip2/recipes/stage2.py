@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ from blip2.training.distributed import (
     sum_over_ranks,
 )
 from blip2.training.loop import (
+    PRECISIONS,
     Throughput,
     TrainResult,
     autocast,
@@ -85,6 +86,11 @@ class Stage2Config(TrainConfig):
     # Feed each question (or "" for a caption) to the Q-Former as well, so the queries read it with the image
     # (REFERENCE §5, BLIP-2's VQA fine-tune). Needs a stage-1 checkpoint (its text side and tokenizer).
     question_to_qformer: bool = False
+    # The frozen LLM's weights during training: "auto" = the autocast dtype on GPU when the LLM is reloaded from
+    # `language.pretrained` (REFERENCE §5: LAVIS keeps it in half precision), else its own (an LLM stored in our
+    # checkpoints is never rounded unasked); fp32 / bf16 / fp16 = that, and an export that stores the LLM
+    # stores it so.
+    llm_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     lr: float = 1e-4
     min_lr: float = 5e-5  # paper: stage-2 minimum lr 5e-5 (REFERENCE §5)
 
@@ -232,6 +238,15 @@ class Stage2Objective(nn.Module):
         return self.model.lm_loss(feats, input_ids, attention_mask, labels, qformer_text=qtext, **kw)
 
 
+def llm_dtype(cfg: Stage2Config, device: torch.device, reloaded: bool) -> torch.dtype | None:
+    """The dtype the frozen LLM is cast to for training, or None to keep its own. `reloaded`: its weights come
+    from `language.pretrained` at every load rather than from our checkpoints."""
+    name = cfg.llm_dtype
+    if name == "auto":
+        name = cfg.precision if device.type == "cuda" and reloaded else "fp32"
+    return PRECISIONS[name]
+
+
 def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_decoder: bool, micro: int,
                eos_token_id: int | None = None) -> LMBatch:
     """The batch's texts -> LLM ids and labels (see the module docstring and data/collate.py)."""
@@ -310,6 +325,10 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     # -- setup: optimisation, resume --------------------------------------------------------------------------
     model.set_gradient_checkpointing(cfg.grad_checkpointing)
     model.to(env.device).train()
+    reloaded = model.config.language is not None and model.config.language.pretrained is not None
+    half = llm_dtype(cfg, env.device, reloaded)
+    if half is not None and hasattr(model, "language_model"):
+        model.language_model.to(half)  # frozen: no optimizer state, no master weights needed
     step, micro, skipped = 0, 0, 0
     state = None
     if resume is not None:
