@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from blip2.eval import easy_vqa
 from blip2.eval.metrics.vqa import vqa_score
 
 BUNDLED = Path(blip2.__file__).resolve().parent / "default" / "config.json"
-pytestmark = pytest.mark.skipif(not BUNDLED.exists(), reason="the default model is not bundled yet (make default-model)")
 
 
 @pytest.fixture(scope="module")
 def model():
+    if not BUNDLED.exists():
+        pytest.skip("the default model is not bundled (make default-model)")
     return blip2.load("default", batch_size=16)
 
 
@@ -70,3 +72,26 @@ def test_retrieve_finds_the_named_shapes(model):
     assert len(blue_triangles) >= 3
     (matches,) = model.retrieve("a blue triangle", [paths[i] for i in ids], k=len(blue_triangles))
     assert {m.index for m in matches} == blue_triangles
+
+
+def test_make_default_model_chains_the_stages(tmp_path, monkeypatch):
+    """The pipeline's plan without its compute: cache, then stage 1 -> stage 2 -> re-fit, each starting from
+    the previous `final`, with the per-stage overrides and the device passed through. Runs without the bundle."""
+    import blip2.recipes
+    from blip2.recipes import default_model
+
+    calls = []
+    monkeypatch.setattr(blip2.recipes, "run_recipe", lambda name, argv: calls.append((name, argv)) or 0)
+    monkeypatch.setattr(default_model, "export", lambda folder: folder)
+    assert default_model.main(["--work", str(tmp_path), "--device", "cuda", "--resume", "--stage2", "steps=7"]) == 0
+    assert [name for name, _ in calls] == ["cache-features", "stage1", "stage2", "stage1"]
+    assert calls[0][1][calls[0][1].index("--device") + 1] == "cuda"
+    for (_, argv), config, start in zip(calls[1:], ("default_stage1", "default_stage2", "default_refit"),
+                                        (None, "stage1", "stage2")):
+        assert argv[1].endswith(f"{config}.yaml") and "--resume" in argv and "device=cuda" in argv
+        inits = [a for a in argv if a.startswith("init_from=")]
+        assert inits == ([f"init_from={tmp_path / start / 'final'}"] if start else [])
+    assert calls[2][1][-1] == "steps=7" and "steps=7" not in calls[1][1] + calls[3][1]
+    stage2 = [json.loads(line) for line in (tmp_path / "stage2.jsonl").read_text().splitlines()]
+    assert len(stage2) == 38_575 + 4_000 * 5  # questions, then per image a caption and four chat turns
+    assert sum("history" in r for r in stage2) == 3 * 4_000

@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+# Standard library only at import time, like this file: the argument checks `blip2 eval` shares.
+from blip2.eval.command import check_template, positive_int
+
 EXIT_ERROR = 1  # a user mistake found at run time
 EXIT_USAGE = 2  # bad command line (argparse's code)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
@@ -49,10 +52,6 @@ def _number(text: str, cast: Callable[[str], Any], ok: Callable[[Any], bool], wh
     return value
 
 
-def _positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 1, "a whole number of 1 or more")
-
-
 def _non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "a whole number of 0 or more")
 
@@ -78,8 +77,8 @@ def _device_name(text: str) -> str:
 # (flag, type, metavar, help) of the generation settings. Unset (None) keeps the library's defaults
 # (REFERENCE §6: captions 5 beams / 30 tokens, answers 5 beams / 10 tokens / length penalty -1).
 GENERATION_FLAGS = (
-    ("--num-beams", _positive_int, "N", "beams for beam search (default: 5)"),
-    ("--max-new-tokens", _positive_int, "N", "most tokens to generate (default: 30 captions, 10 answers)"),
+    ("--num-beams", positive_int, "N", "beams for beam search (default: 5)"),
+    ("--max-new-tokens", positive_int, "N", "most tokens to generate (default: 30 captions, 10 answers)"),
     ("--min-new-tokens", _non_negative_int, "N", "fewest tokens to generate (default: 1)"),
     ("--length-penalty", _real, "X", "beam-search length penalty (default: 1 captions, -1 answers)"),
     ("--repetition-penalty", _positive_real, "X", "penalty on repeated tokens; 1 means none"),
@@ -197,23 +196,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_template(template: str | None) -> None:
-    if template is None:
-        return
-    try:
-        filled = template.format("\0")
-    except (IndexError, KeyError, ValueError):
-        filled = ""
-    if "\0" not in filled:
-        raise CliError(
-            f"--template {template!r} must hold one {{}} where the question goes, "
-            "e.g. 'Question: {} Answer:'"
-        )
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
     _check_image_files([args.image])
-    _check_template(args.template)
+    check_template(args.template)
     model = _load(args)
     answers = model.ask(args.image, args.questions, template=args.template, **_generation(args))
     if args.json:
@@ -373,7 +358,7 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="precision of the frozen parts; the Q-Former stays float32 "
                         "(default: %(default)s: bfloat16/float16 on CUDA, float32 elsewhere)")
-    g.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+    g.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="images (and prompts) per forward pass (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     return p
@@ -434,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT", help="one or more texts to search for")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="image files and/or directories (their image files, not recursive)")
-    p.add_argument("-k", type=_positive_int, default=5, help="images to show per text (default: %(default)s)")
-    p.add_argument("--rerank", type=_positive_int, default=128, metavar="N",
+    p.add_argument("-k", type=positive_int, default=5, help="images to show per text (default: %(default)s)")
+    p.add_argument("--rerank", type=positive_int, default=128, metavar="N",
                    help="ITC candidates re-scored with ITM (default: %(default)s)")
 
     from blip2.eval.command import add_eval_parser  # standard library only, like this file
@@ -465,9 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(LAVIS does not save it), e.g. Salesforce/blip2-opt-2.7b")
     p.add_argument("--qformer-tokenizer", default=None, metavar="NAME_OR_DIR",
                    help="the Q-Former's BERT tokenizer, saved with a stage-1 checkpoint for itm/retrieve")
-    p.add_argument("--qformer-heads", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--qformer-heads", type=positive_int, default=None, metavar="N",
                    help="Q-Former attention heads (default: hidden size / 64)")
-    p.add_argument("--vision-heads", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--vision-heads", type=positive_int, default=None, metavar="N",
                    help="ViT attention heads (default: 16 for EVA ViT-g)")
     return parser
 

@@ -19,12 +19,7 @@ from blip2.models.config import ImageConfig
 IMAGE = ImageConfig(size=30)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

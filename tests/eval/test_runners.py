@@ -26,12 +26,7 @@ FAST = ["--num-beams", "1", "--max-new-tokens", "3"]
 OUTPUTS = (PREDICTIONS, METRICS, REPORT, SAMPLES)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread is faster and deterministic
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

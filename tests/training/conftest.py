@@ -17,12 +17,8 @@ SHAPES = ["circle", "square", "triangle"]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The machines have 2 cores shared with other test runs: one thread is faster and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # every training test (tests/conftest.py)
     yield
-    torch.set_num_threads(before)
 
 
 def shape_image(color: str, shape: str, size: int = 40, seed: int = 0) -> Image.Image:

@@ -33,6 +33,9 @@ def evaluate_chat(model, items: Sequence[ChatItem], out_dir: Path, *, model_name
     """Run every conversation, score each turn, and write predictions / metrics / report / sample grid."""
     if not items:
         raise ValueError("no conversations to evaluate.")
+    from blip2.inference.pipeline import VQA_DEFAULTS
+
+    used = {k: v for k, v in model._generation(VQA_DEFAULTS, generation or {}).items() if k != "pad_token_id"}
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with progress_bar(len(items), "chat", "conversation", progress) as bar:
@@ -58,7 +61,7 @@ def evaluate_chat(model, items: Sequence[ChatItem], out_dir: Path, *, model_name
         "task": "chat", "model": model_name, "data": data_name, "n_conversations": len(rows), "n_turns": len(every),
         "turn_accuracy": round(sum(every) / len(every), 2), "per_turn_accuracy": per_turn,
         "conversation_accuracy": round(100.0 * sum(r["all_right"] for r in rows) / len(rows), 2),
-        "generation": {k: v for k, v in (generation or {}).items()}, "seconds": round(seconds, 2),
+        "generation": used, "seconds": round(seconds, 2),
     }
     write_jsonl(out_dir / PREDICTIONS, rows)
     write_json(out_dir / METRICS, metrics)
@@ -76,7 +79,7 @@ def evaluate_chat(model, items: Sequence[ChatItem], out_dir: Path, *, model_name
     report = Report(
         "Chat evaluation",
         {"model": model_name, "data": data_name, "conversations": len(rows), "turns": len(every),
-         "generation": metrics["generation"] or "Blip2.chat defaults", "time (s)": metrics["seconds"]},
+         "generation": used, "time (s)": metrics["seconds"]},
         [
             ("Accuracy (VQA accuracy per turn, x100)", md_table(["", "accuracy"], table)),
             (f"Examples (wrong first, {len(examples)} of {len(rows)})",

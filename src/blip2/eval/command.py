@@ -34,7 +34,7 @@ DATA_HELP = {
 }  # fmt: skip
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -58,7 +58,7 @@ def add_eval_parser(subparsers, model_options: argparse.ArgumentParser,
         t.add_argument("--image-root", default=None, metavar="DIR",
                        help="folder the data's image paths are relative to (default: the data file's folder)")
         unit = {"vqa": "questions", "chat": "conversations"}.get(task, "images")
-        t.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+        t.add_argument("--limit", type=positive_int, default=None, metavar="N",
                        help=f"only the first N {unit}, for a quick look")
         t.add_argument("--out", "-o", default=None, metavar="DIR",
                        help=f"folder for the results (default: outputs/eval-{task}-<timestamp>)")
@@ -74,13 +74,14 @@ def add_eval_parser(subparsers, model_options: argparse.ArgumentParser,
                            help="caption scorer: pycocoevalcap (needs Java), a pure-Python fallback "
                                 "(no METEOR), or auto: pycocoevalcap when Java runs (default: %(default)s)")
         if task == "retrieval":
-            t.add_argument("--k-test", type=_positive_int, default=128, metavar="K",
+            t.add_argument("--k-test", type=positive_int, default=128, metavar="K",
                            help="ITC candidates per query re-scored with ITM (default: %(default)s, "
                                 "as LAVIS)")
     return p
 
 
-def _check_template(template: str | None) -> None:
+def check_template(template: str | None) -> None:
+    """A --template must hold one {} where the question goes (`blip2 ask` and `blip2 eval vqa`)."""
     if template is None:
         return
     try:
@@ -100,14 +101,8 @@ def run_eval(args: argparse.Namespace, load: Callable[[], Any], generation: dict
     task, data_name = args.task, " ".join(args.data)
     check_out_dir(args.out)
     if task == "vqa":
-        _check_template(args.template)
-        data = datasets.load_vqa(args.data, args.image_root, args.limit)
-    elif task == "caption":
-        data = datasets.load_captions(args.data, args.image_root, args.limit)
-    elif task == "chat":
-        data = datasets.load_chat(args.data, args.image_root, args.limit)
-    else:
-        data = datasets.load_retrieval(args.data, args.image_root, args.limit)
+        check_template(args.template)
+    data = datasets.load(task, args.data, args.image_root, args.limit)
     model = load()
     out = prepare_out_dir(args.out, task)
     common = {"model_name": str(args.model), "data_name": data_name, "progress": args.progress}

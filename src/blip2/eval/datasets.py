@@ -356,3 +356,13 @@ def load_chat(spec: Sequence[str], image_root: str | os.PathLike | None = None,
     rows = _limit(rows, limit)
     images = _resolve_images([r[1] for r in rows], _root(image_root, paths[0]), paths[0])
     return [ChatItem(cid, img, turns) for (cid, _, turns), img in zip(rows, images)]
+
+
+LOADERS = {"vqa": load_vqa, "caption": load_captions, "retrieval": load_retrieval, "chat": load_chat}
+
+
+def load(task: str, spec: Sequence[str], image_root: str | os.PathLike | None = None, limit: int | None = None):
+    """The data of an evaluation task (`blip2 eval TASK --data ...`, validation during training)."""
+    if task not in LOADERS:
+        raise ValueError(f"unknown evaluation task {task!r} (known: {', '.join(LOADERS)})")
+    return LOADERS[task](spec, image_root, limit)

@@ -33,13 +33,10 @@ class Validator:
              batch_size: int = 16) -> Validator:
         """Read the validation data (`data` as `blip2 eval --data` takes it: a file, a folder or a packaged
         name such as easy-vqa:test); errors are ValueError / FileNotFoundError naming the problem."""
-        if task not in TASKS:
-            raise ValueError(f"val.task must be one of {', '.join(TASKS)}, got {task!r}")
+        check_task(task)
         if not data:
             raise ValueError("val.data is empty: name the validation set (a file, or e.g. easy-vqa:test)")
-        root = image_root or None
-        loaders = {"vqa": datasets.load_vqa, "caption": datasets.load_captions, "retrieval": datasets.load_retrieval}
-        return cls(task, loaders[task]([data], root, limit), batch_size)
+        return cls(task, datasets.load(task, [data], image_root or None, limit), batch_size)
 
     def __call__(self, model, tokenizer=None, qformer_tokenizer=None) -> dict[str, float]:
         """Score `model` (a Blip2Model, left in the train/eval mode it came in)."""
@@ -79,8 +76,8 @@ class Validator:
         return {"val_txt_r1": found["txt_r1"], "val_img_r1": found["img_r1"]}
 
 
-def check_task(task: str, has_llm: bool, has_heads: bool) -> None:
-    """Fail before training when the model being trained cannot be validated with `task`."""
+def check_task(task: str, has_llm: bool = True, has_heads: bool = True) -> None:
+    """Fail before training when `task` is unknown or the model being trained cannot be validated with it."""
     if task not in TASKS:
         raise ValueError(f"val.task must be one of {', '.join(TASKS)}, got {task!r}")
     if task in NEEDS_LLM and not has_llm:

@@ -1,6 +1,6 @@
 """`make default-model`: train the embedded default model with our own recipes, from PyPI packages only.
 
-    python -m blip2.recipes.default_model [--work runs/default] [--stage1-steps N] [--stage2-steps N] [--resume]
+    python -m blip2.recipes.default_model [--work runs/default] [--device cuda] [--resume] [--stage2 steps=N ...]
 
 1. data:   easy-VQA *train* split only (never test): captions "a {colour} {shape}" derived from each image's
            answers (one ITC class per colour-shape pair, so same-caption images are positives); for stage 2
@@ -24,8 +24,6 @@ import json
 import random
 import shutil
 from pathlib import Path
-
-import torch
 
 from blip2.eval import easy_vqa
 
@@ -104,23 +102,19 @@ def export(stage2_final: Path, target: Path = PACKAGE_DEFAULT) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blip2.recipes.default_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="runs/default", help="working folder (data, cache, runs)")
-    parser.add_argument("--stage1-steps", type=int, default=None, help="override configs/default_stage1.yaml steps")
-    parser.add_argument("--stage2-steps", type=int, default=None, help="override configs/default_stage2.yaml steps")
     parser.add_argument("--resume", action="store_true", help="continue each stage from its latest checkpoint")
     parser.add_argument("--skip-export", action="store_true", help="do not copy the result into the package")
-    parser.add_argument("--refit-steps", type=int, default=None, help="override configs/default_refit.yaml steps")
-    parser.add_argument("--only", choices=["data", "cache", "stage1", "stage2", "refit", "export"], default=None)
+    parser.add_argument("--only", choices=["data", "cache", "stage1", "stage2", "refit", "export"], default=None,
+                        help="run one step of the pipeline (the earlier ones' outputs must exist)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for the feature cache and every stage")
     for stage in ("stage1", "stage2", "refit"):
         parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"config overrides for {stage} (e.g. batch_size=64 lr=2e-4)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     from blip2.recipes import run_recipe
 
     work = Path(args.work)
-    steps = lambda n: [f"steps={n}"] if n else []  # noqa: E731
     resume = ["--resume"] if args.resume else []
     files = write_data(work)
     cache = work / "features-train"
@@ -132,21 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             return code
     common = ["data.augment=false", f"data.feature_cache={cache}", f"data.image_root={files['images']}",
               f"device={args.device}"]
-    if args.only in (None, "stage1"):
-        code = run_recipe("stage1", ["--config", str(CONFIGS / "default_stage1.yaml"), *resume, *common,
-                                     f"data.path={files['captions']}", f"output_dir={work / 'stage1'}", *steps(args.stage1_steps), *args.stage1])
-        if code:
-            return code
-    if args.only in (None, "stage2"):
-        code = run_recipe("stage2", ["--config", str(CONFIGS / "default_stage2.yaml"), *resume, *common,
-                                     f"data.path={files['stage2']}", f"init_from={work / 'stage1' / 'final'}",
-                                     f"output_dir={work / 'stage2'}", *steps(args.stage2_steps), *args.stage2])
-        if code:
-            return code
-    if args.only in (None, "refit"):
-        code = run_recipe("stage1", ["--config", str(CONFIGS / "default_refit.yaml"), *resume, *common,
-                                     f"data.path={files['captions']}", f"init_from={work / 'stage2' / 'final'}",
-                                     f"output_dir={work / 'refit'}", *steps(args.refit_steps), *args.refit])
+    # (stage, recipe, config, data, starts from): each stage's `final` is the next one's init_from.
+    stages = [("stage1", "stage1", "default_stage1.yaml", files["captions"], None),
+              ("stage2", "stage2", "default_stage2.yaml", files["stage2"], "stage1"),
+              ("refit", "stage1", "default_refit.yaml", files["captions"], "stage2")]
+    for name, recipe, config, data, start in stages:
+        if args.only not in (None, name):
+            continue
+        init = [f"init_from={work / start / 'final'}"] if start else []
+        code = run_recipe(recipe, ["--config", str(CONFIGS / config), *resume, *common, f"data.path={data}", *init,
+                                   f"output_dir={work / name}", *getattr(args, name)])
         if code:
             return code
     if args.only in (None, "export") and not args.skip_export:
