@@ -327,6 +327,19 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
     return run_recipe("cache-features", args.rest)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise CliError("blip2 serve needs the serve extra: pip install 'blip2[serve]'") from None
+    from blip2.serve.server import run
+
+    if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
+        raise CliError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
+    return run(args, _load(args))
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if not Path(args.src).is_file():
         raise CliError(f"LAVIS checkpoint {args.src} does not exist (give the .pth file)")
@@ -438,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cache-features", cmd_cache_features, text, [])
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
                    help="--model M --data FILE|easy-vqa:train --out FOLDER [--format pairs|coco|vqa] (see --help)")
+
+    text = ("Serve the model over HTTP: OpenAI-compatible /v1/chat/completions, /v1/embeddings and /v1/models, "
+            "BLIP-2's /v1/caption, /v1/ask, /v1/itm, /v1/retrieve, a web page at /, /health and /metrics.")
+    p = add("serve", cmd_serve, text, [model])
+    from blip2.serve.server import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
 
     text = "Convert a LAVIS .pth checkpoint into a folder that blip2 (and transformers) loads."
     p = add("convert", cmd_convert, text, [])
