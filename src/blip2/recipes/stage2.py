@@ -439,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a bad key or value in the config is a user's mistake too: one line, no traceback
         cfg = parse_args(Stage2Config, argv, prog="blip2 train stage2", description=__doc__.split("\n\n")[0])
         result = run(cfg)
-    except (ConfigError, ModelConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, ModelConfigError, DatasetError, CheckpointError, ckpt.CheckpointDamagedError,
+            FileNotFoundError) as err:
         print(f"blip2 train stage2: error: {err}", file=sys.stderr)
         return 1
     if result.losses:

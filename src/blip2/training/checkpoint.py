@@ -4,22 +4,35 @@ One checkpoint is a folder `step_000123/` under the run's `checkpoints/`:
     trainable.safetensors   the trainable weights (the frozen parts are rebuilt from the config)
     state.pt                optimizer, scheduler, grad scaler, step, data position, every rank's RNG
                             states (python, numpy, torch CPU/CUDA, plus named generators), the config
-Written atomically: both files go into a temporary folder, are flushed and fsynced, and the folder is then
-renamed into place with os.replace, so a crash leaves either the old set of checkpoints or the new one,
-never a half-written folder. Only the last `keep_last` folders are kept. `state.pt` loads with
-`torch.load(weights_only=True)`: it holds tensors, numbers, strings, lists and dicts only.
+    manifest.json           every file's size and sha256, written last
+Written atomically: the files go into a temporary folder `.step_000123.tmp-PID`, are flushed and fsynced, and
+the folder is then renamed into place with os.replace, so a crash leaves either the old set of checkpoints or
+the new one, never a half-written folder. Only the last `keep_last` folders are kept; an old one is renamed
+to `.step_000123.trash-PID` before it is deleted, so a kill mid-delete cannot leave a half-deleted `step_`
+folder. `state.pt` loads with `torch.load(weights_only=True)`: it holds tensors, numbers, strings, lists and
+dicts only.
+
+Files still get damaged after the rename (a full disk under a copy, a dying node, a cut-short rsync), so a
+checkpoint is trusted only once checked against its manifest: sizes when listing (cheap), sha256 too before
+resuming from it (`resume_folder`), which falls back to the newest intact one. Folders from before manifests
+are checked for structure instead, and loaded before they are trusted.
+
+A run owns its output_dir: when it starts (`resume_folder`), every temporary and trash folder under
+`checkpoints/` is a killed run's leftover and is removed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
-
-import logging
 
 import numpy as np
 import torch
@@ -27,7 +40,15 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
+MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step_(\d+)$")
+# tmp: a write cut short; trash: a deletion cut short; old: the trash of writes from before that name
+_LEFTOVER = re.compile(r"^\.step_\d+\.(tmp|trash|old)-\d+$")
+log = logging.getLogger("blip2.train")
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint to resume from cannot be read, or none of a run's checkpoints is intact."""
 
 
 # --------------------------------------------------------------------------------------------- RNG state
@@ -75,22 +96,91 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders under `directory`, oldest step first."""
-    directory = Path(directory)
+def _step_folders(directory: Path) -> list[tuple[int, Path]]:
+    """Every `step_N` folder, intact or not, oldest first."""
     if not directory.is_dir():
         return []
-    found = []
-    for p in directory.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / STATE).exists() and (p / WEIGHTS).exists():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders under `directory` whose files are all there at their full size, oldest step first.
+    Sizes only: hashing every checkpoint at every listing would read gigabytes (`verify_checkpoint` does it
+    for the one about to be loaded)."""
+    return [p for _, p in _step_folders(Path(directory)) if verify_checkpoint(p, full=False) is None]
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(folder: str | os.PathLike, full: bool = True) -> str | None:
+    """None when `folder` is an intact checkpoint, else the reason it is not. Against the manifest: sizes, and
+    with `full` every file's sha256. A folder from before manifests: its safetensors header must account for
+    the file's size and state.pt's zip directory must be readable (a truncated file fails both); with `full`
+    it is loaded, since nothing else can tell whether it reads."""
+    folder = Path(folder)
+    missing = [name for name in (WEIGHTS, STATE) if not (folder / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not (folder / MANIFEST).exists():
+        reason = _check_structure(folder)
+        if reason is None and full:
+            try:
+                _read(folder)
+            except Exception as err:  # noqa: BLE001 - safetensors, zip and unpickling errors: no common base
+                return f"unreadable ({type(err).__name__}: {err})"
+        return reason
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"]))
+                    for name in (WEIGHTS, STATE)}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST} ({type(err).__name__}: {err})"
+    try:
+        for name, (size, _) in expected.items():
+            actual = (folder / name).stat().st_size
+            if actual != size:
+                return f"{name} has {actual} bytes, its manifest says {size} (truncated?)"
+        if full:
+            for name, (_, digest) in expected.items():
+                if _sha256(folder / name) != digest:
+                    return f"{name} does not match the sha256 in its manifest (damaged)"
+    except OSError as err:
+        return f"unreadable ({err})"
+    return None
+
+
+def _check_structure(folder: Path) -> str | None:
+    path = folder / WEIGHTS
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:
+                return f"{WEIGHTS} has {size} bytes, less than its header's {n} (truncated?)"
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        return f"{WEIGHTS} has no readable header ({type(err).__name__}: {err})"
+    if size != 8 + n + end:
+        return f"{WEIGHTS} has {size} bytes, its header describes {8 + n + end} (truncated?)"
+    try:
+        with zipfile.ZipFile(folder / STATE) as z:  # torch.save's format; the directory is at the end
+            z.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{STATE} is unreadable ({err})"
+    return None
 
 
 def _fsync_file(path: Path) -> None:
@@ -112,9 +202,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+             for name in (WEIGHTS, STATE)}
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _delete(folder: Path) -> None:
+    """Rename, then delete: a kill inside rmtree leaves a trash folder, not a `step_` folder missing files."""
+    trash = folder.parent / f".{folder.name}.trash-{os.getpid()}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(folder, trash)
+    except OSError as err:  # the new checkpoint is safe: an old one left behind must not stop training
+        log.warning("could not delete the old checkpoint %s (%s)", folder, err)
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(directory: str | os.PathLike, step: int, weights: dict[str, torch.Tensor],
                     state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write `step_{step}/` atomically under `directory`, then delete all but the newest `keep_last`."""
+    """Write `step_{step}/` atomically under `directory`, then delete the step folders older than the newest
+    `keep_last` intact ones up to `step` (damaged ones among them too)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / checkpoint_name(step)
@@ -129,9 +242,12 @@ def save_checkpoint(directory: str | os.PathLike, step: int, weights: dict[str, 
             f.flush()
             os.fsync(f.fileno())
         _fsync_file(tmp / WEIGHTS)
+        _write_manifest(tmp, step)  # last: it vouches for files already on disk
         _fsync_dir(tmp)
         if final.exists():  # saving the same step again (a resumed run that ends where it started)
-            old = directory / f".{final.name}.old-{os.getpid()}"
+            old = directory / f".{final.name}.trash-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -142,20 +258,49 @@ def save_checkpoint(directory: str | os.PathLike, step: int, weights: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last > 0:
-        for old in list_checkpoints(directory)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        # Folders past `step` are a resume's abandoned future (say a damaged latest one it fell back from):
+        # counting them could delete the checkpoint just written, so they wait to be overwritten instead.
+        kept = [at for at, p in _step_folders(directory)
+                if at <= step and verify_checkpoint(p, full=False) is None]
+        oldest = kept[-keep_last:][0] if kept else 0
+        for at, folder in _step_folders(directory):
+            if at < oldest:
+                _delete(folder)
     return final
 
 
+def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary and trash folders that killed runs left under `directory` (one full-size copy per
+    kill inside a write). Only at a run's start: a run owns its output_dir, so no live writer can own them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [p for p in directory.iterdir() if _LEFTOVER.match(p.name) and p.is_dir()]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)  # every rank may be doing the same at once
+    if removed:
+        log.info("removed %d folder(s) left by a killed run under %s", len(removed), directory)
+    return removed
+
+
+def _read(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    weights = load_file(str(folder / WEIGHTS))
+    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    return weights, state
+
+
 def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(weights, state) of a checkpoint folder; a clear error when it is not one."""
+    """(weights, state) of a checkpoint folder; a clear error when it is not one or cannot be read."""
     folder = Path(folder)
     missing = [name for name in (WEIGHTS, STATE) if not (folder / name).exists()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a training checkpoint (missing {', '.join(missing)})")
-    weights = load_file(str(folder / WEIGHTS))
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-    return weights, state
+    try:
+        return _read(folder)
+    except Exception as err:  # noqa: BLE001 - safetensors, zip and unpickling errors: no common base
+        raise CheckpointDamagedError(
+            f"the checkpoint {folder} cannot be read ({type(err).__name__}: {err})"
+        ) from err
 
 
 def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -175,15 +320,32 @@ def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
 
 
 def resume_folder(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """`--resume` -> the checkpoint folder to continue from: "latest" looks in output_dir/checkpoints (None,
-    with a warning, when there is none yet), anything else is a folder path."""
+    """A run starts: remove what killed runs left in output_dir/checkpoints, then turn `--resume` into the
+    checkpoint folder to continue from, checked in full. "latest" takes the newest intact one there, warning
+    about each damaged one it passes over (None, with a warning, when there is no checkpoint yet; an error
+    when there are some and none is intact); anything else is a folder path, which must be intact."""
+    directory = Path(output_dir) / "checkpoints"
+    remove_leftovers(directory)
     if resume is None:
         return None
-    if resume == "latest":
-        found = latest_checkpoint(Path(output_dir) / "checkpoints")
-        if found is None:
-            logging.getLogger("blip2.train").warning(
-                "resume=latest: no checkpoint in %s/checkpoints yet, starting from step 0", output_dir
-            )
-        return found
-    return Path(resume)
+    if resume != "latest":
+        folder = Path(resume)
+        reason = verify_checkpoint(folder)
+        if reason is not None:
+            raise CheckpointDamagedError(f"resume: {folder} is not an intact training checkpoint ({reason})")
+        return folder
+    candidates = [p for _, p in reversed(_step_folders(directory))]
+    if not candidates:
+        log.warning("resume=latest: no checkpoint in %s yet, starting from step 0", directory)
+        return None
+    reasons = []
+    for folder in candidates:
+        reason = verify_checkpoint(folder)
+        if reason is None:
+            return folder
+        reasons.append(f"{folder.name}: {reason}")
+        log.warning("resume=latest: skipping the damaged checkpoint %s (%s)", folder, reason)
+    raise CheckpointDamagedError(
+        f"resume=latest: none of the {len(candidates)} checkpoint(s) in {directory} is intact "
+        f"({'; '.join(reasons)}); move them away to start again from step 0"
+    )

@@ -1,7 +1,8 @@
 """Training logs: one JSON line per logged step (metrics.jsonl), optional TensorBoard, a PNG loss curve.
 
 Only the main process writes. On resume the log is cut back to the resumed step, so a run that crashed
-after its last checkpoint does not leave duplicate steps behind.
+after its last checkpoint does not leave duplicate steps behind. That cut rewrites the whole file, so it goes
+through a temporary file and os.replace: a kill at that moment leaves the old history whole, never half of it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            self._rewrite([])
         else:
             self._truncate(resume_step)
         if tensorboard:
@@ -36,7 +37,16 @@ class MetricsLogger:
 
     def _truncate(self, step: int) -> None:
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step] if self.path.exists() else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._rewrite(kept)
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        # One fixed temporary name: a copy left by a kill here is simply overwritten by the next start.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
