@@ -4,7 +4,8 @@
 - VQA:        a VQA JSONL ({"image", "question", "answers"}, optional "question_id", "question_type",
               "answer_type"); VQAv2 as the questions JSON and the annotations JSON (two paths, either
               order) or a folder holding one `*questions*.json` and one `*annotations*.json`;
-              `easy-vqa:test` / `easy-vqa:train` (one answer per question).
+              `easy-vqa:test` / `easy-vqa:train` (one answer per question); `shapes-vqa:test` (600 questions
+              about 200 images our own renderer draws, blip2.eval.shapes_vqa).
 - captions:   COCO caption annotations ({"images", "annotations"}) or LAVIS' list ({"image", "caption"}), or
               a caption JSONL ({"image", "text": [references]}); `easy-vqa-captions:test|train`
               (one reference per image, "a {colour} {shape}", see blip2.eval.easy_vqa).
@@ -28,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blip2.eval import easy_vqa
+from blip2.eval import easy_vqa, shapes_vqa
 
 # Packaged names -> the task they serve.
 PACKAGED = {"easy-vqa": "vqa", "easy-vqa-captions": "caption", "easy-vqa-retrieval": "retrieval",
-            "easy-vqa-chat": "chat"}
+            "easy-vqa-chat": "chat", "shapes-vqa": "vqa"}
+SPLITS = {"shapes-vqa": shapes_vqa.SPLITS}  # the others: easy_vqa.SPLITS
 # The conversation `easy-vqa-chat` holds about each image: the second turn only makes sense after the first.
 EASY_VQA_CHAT = (("what shape is this?", "shape"), ("what color is it?", "colour"))
 _NAME = re.compile(r"([a-z0-9-]+):([a-z0-9-]+)")
@@ -90,8 +92,9 @@ def packaged_name(spec: Sequence[str]) -> tuple[str, str] | None:
     if name not in PACKAGED:
         known = ", ".join(f"{n}:test" for n in PACKAGED)
         raise ValueError(f"unknown dataset name {spec[0]!r}: use a data file or one of {known} (or :train).")
-    if split not in easy_vqa.SPLITS:
-        raise ValueError(f"dataset {name} has no split {split!r}; use {name}:test or {name}:train.")
+    splits = SPLITS.get(name, easy_vqa.SPLITS)
+    if split not in splits:
+        raise ValueError(f"dataset {name} has no split {split!r}; use {' or '.join(f'{name}:{s}' for s in splits)}.")
     return name, split
 
 
@@ -198,6 +201,8 @@ def load_vqa(spec: Sequence[str], image_root: str | os.PathLike | None = None,
     named = packaged_name(spec)
     if named is not None:
         _check_task(named[0], "vqa")
+        if named[0] == "shapes-vqa":
+            return load_vqa([str(shapes_vqa.build(named[1]) / shapes_vqa.QUESTIONS)], limit=limit)
         qs = _limit(list(easy_vqa.questions(named[1])), limit)
         return [
             VQAItem(q.question_id, q.image, q.question, [q.answer],

@@ -21,15 +21,12 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
-SHAPES = ("circle", "rectangle", "triangle")
+# The 8 colours, 3 shapes and the RGB values the package draws its shapes with (measured: every
+# question-derived colour matches one) live with our own renderer, which draws the same colours.
+from blip2.data.shapes import COLOURS, PALETTE, SHAPES
+
 YES_NO = ("yes", "no")
 SPLITS = ("train", "test")
-# RGB values the package draws its shapes with (measured: every question-derived colour matches one).
-PALETTE = {
-    "black": (0, 0, 0), "blue": (0, 0, 255), "brown": (165, 42, 42), "gray": (128, 128, 128),
-    "green": (0, 255, 0), "red": (255, 0, 0), "teal": (0, 128, 128), "yellow": (255, 255, 0),
-}  # fmt: skip
 # Fill ratio (shape pixels / bounding box) of each shape, measured over both splits; a ratio between two
 # ranges goes to the nearer one.
 FILL_RANGES = {"triangle": (0.45, 0.70), "circle": (0.72, 0.905), "rectangle": (0.905, 1.0)}
