@@ -25,6 +25,13 @@ from blip2.data.text import (
     tokenize_qformer,
     vqa_template,
 )
+from blip2.inference.generation import (
+    check_generation,
+    check_max_prompt_tokens,
+    check_prompt_length,
+    llm_context,
+    prompt_budget,
+)
 from blip2.models.blip2 import Blip2Model
 
 # REFERENCE §6: captions with 5 beams; VQA with 5 beams, at most 10 new tokens, length penalty -1.
@@ -52,7 +59,11 @@ class Match:
 
 
 class Blip2:
-    """A loaded BLIP-2 model with its tokenizers and image processor."""
+    """A loaded BLIP-2 model with its tokenizers and image processor.
+
+    `max_prompt_tokens` caps the LLM prompt of every caption/ask/chat call that does not give its own cap
+    (None: only the LLM's context limits it); a longer prompt fails before any image is encoded.
+    """
 
     def __init__(
         self,
@@ -61,6 +72,7 @@ class Blip2:
         qformer_tokenizer=None,
         batch_size: int = 8,
         progress: bool | None = None,
+        max_prompt_tokens: int | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -68,6 +80,7 @@ class Blip2:
         self.images = ImageProcessor(model.config.vision.image)
         self.batch_size = batch_size
         self.progress = progress
+        self.max_prompt_tokens = check_max_prompt_tokens(max_prompt_tokens)
         if tokenizer is not None and tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -111,26 +124,70 @@ class Blip2:
             )
 
     def _generation(self, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-        gen = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        if gen.get("do_sample") is False or gen.get("num_beams", 1) == 1:
-            gen.pop("length_penalty", None)  # only beam search reads it
+        """The settings `generate` gets: defaults, then the caller's (None = unset), validated together so
+        that min_new_tokens is checked against the max_new_tokens actually used."""
+        gen = check_generation({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+        # Only beam search (with or without sampling) reads it; transformers warns when it is set otherwise.
+        if gen.get("num_beams", 1) == 1:
+            gen.pop("length_penalty", None)
         if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
             gen.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         return gen
+
+    @property
+    def llm_context(self) -> int:
+        """Positions the LLM takes (decoder-only: soft prompt + prompt + new tokens; T5: encoder input)."""
+        self._need_llm()
+        return llm_context(self.model.language_model.config, self.is_encoder_decoder)
+
+    def check_prompts(
+        self, prompts: Sequence[str], max_new_tokens: int, max_prompt_tokens: int | None = None
+    ) -> list[int]:
+        """Token counts of the LLM prompts; a `ValueError` naming the counts when one is over the cap
+        (`max_prompt_tokens`, else `self.max_prompt_tokens`) or does not fit the LLM's context with the
+        soft prompt and `max_new_tokens`. Tokenizes only: call it before any compute."""
+        cap = self._cap(max_prompt_tokens)
+        counts = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]] if prompts else []
+        self._check_counts(counts, max_new_tokens, cap)
+        return counts
+
+    def _cap(self, max_prompt_tokens: int | None) -> int | None:
+        """The call's cap, else the model's (an attribute users may set: checked here, on use)."""
+        cap = self.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
+        return check_max_prompt_tokens(cap)
+
+    def _check_counts(self, counts: Sequence[int], max_new_tokens: int, cap: int | None) -> None:
+        if not counts:
+            return
+        longest = max(range(len(counts)), key=counts.__getitem__)
+        what = "prompt" if len(counts) == 1 else f"prompt {longest + 1} of {len(counts)}"
+        queries, context, enc_dec = self.model.num_queries, self.llm_context, self.is_encoder_decoder
+        check_prompt_length(counts[longest], queries, max_new_tokens, context, enc_dec, cap, what)
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
     def _generate(self, soft_prompts: torch.Tensor, prompts: list[str], gen: dict[str, Any]) -> list[str]:
+        gen = dict(gen)
+        seed = gen.pop("seed", None)  # ours, not a transformers setting
         tokens = tokenize_prompts(self.tokenizer, prompts, left_pad=not self.is_encoder_decoder)
-        ids = self.model.generate(
+        # Callers that skip caption/ask (the eval runners) still get the clear error instead of an index error
+        # past OPT's positions; the per-call cap is the caller's business, checked before its compute.
+        self._check_counts(tokens.attention_mask.sum(1).tolist(), gen.get("max_new_tokens", 20), None)
+        kwargs = dict(
             input_ids=tokens.input_ids.to(self.device),
             attention_mask=tokens.attention_mask.to(self.device),
             soft_prompt=soft_prompts,
             **gen,
         )
-        return self._decode(ids)
+        if seed is None:
+            return self._decode(self.model.generate(**kwargs))
+        # A seeded call must not move the caller's global RNG: fork it, seed, generate, restore.
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self._decode(self.model.generate(**kwargs))
 
     @torch.no_grad()
     def soft_prompts(self, feats: torch.Tensor, questions: Sequence[str] | None = None) -> torch.Tensor:
@@ -149,11 +206,21 @@ class Blip2:
         return self.soft_prompts(feats, questions)
 
     # -- generation ---------------------------------------------------------------------------------------
-    def caption(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, **generation: Any) -> list[str]:
-        """One caption per image; with `prompt` ("a photo of"), the LLM continues it."""
+    def caption(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompt: str | None = None,
+        *,
+        max_prompt_tokens: int | None = None,
+        **generation: Any,
+    ) -> list[str]:
+        """One caption per image; with `prompt` ("a photo of"), the LLM continues it. `generation`: the
+        settings of `blip2.inference.generation.SETTINGS`; a bad one or a prompt that does not fit
+        (`max_prompt_tokens`, else `self.max_prompt_tokens`, else the LLM's context) is a ValueError."""
         self._need_llm()
         images = _as_list(images)
         gen = self._generation(CAPTION_DEFAULTS, generation)
+        self.check_prompts([prompt or ""], gen["max_new_tokens"], max_prompt_tokens)
         out: list[str] = []
         for chunk in _chunks(images, self.batch_size):
             out += self._generate(self._soft_prompts(chunk), [prompt or ""] * len(chunk), gen)
@@ -164,10 +231,13 @@ class Blip2:
         images: ImageInput | Sequence[ImageInput],
         questions: str | Sequence[str],
         template: str | None = None,
+        *,
+        max_prompt_tokens: int | None = None,
         **generation: Any,
     ) -> list[str]:
         """Answers. One image with many questions encodes the image once; otherwise images and questions pair
-        up one to one. `template` defaults to the LLM family's ("Question: {} Answer:" / "... Short answer:")."""
+        up one to one. `template` defaults to the LLM family's ("Question: {} Answer:" / "... Short answer:").
+        Every templated question is checked against the prompt cap and the context before anything runs."""
         self._need_llm()
         images, questions = _as_list(images), _as_list(questions)
         if len(images) != 1 and len(images) != len(questions):
@@ -175,6 +245,7 @@ class Blip2:
         template = template or vqa_template(self.is_encoder_decoder)
         gen = self._generation(VQA_DEFAULTS, generation)
         prompts = [template.format(q) for q in questions]
+        self.check_prompts(prompts, gen["max_new_tokens"], max_prompt_tokens)
         if len(images) == 1:
             feats = self.encode_images(images)  # once, whatever the number of questions
             # Without question_to_qformer the soft prompt does not depend on the question: compute it once too.
@@ -194,14 +265,21 @@ class Blip2:
             out += self._generate(self._soft_prompts(images[start:stop], questions[start:stop]), prompts[start:stop], gen)
         return out
 
-    def chat(self, image: ImageInput, **generation: Any) -> ChatSession:
-        """A conversation about one image; the image is encoded here, once."""
+    def chat(
+        self, image: ImageInput, *, max_prompt_tokens: int | None = None, **generation: Any
+    ) -> ChatSession:
+        """A conversation about one image; the image is encoded here, once. Old turns are dropped to keep each
+        prompt within `max_prompt_tokens` (else `self.max_prompt_tokens`) and the LLM's context."""
         self._need_llm()
-        return ChatSession(self, self.encode_images([image]), self._generation(VQA_DEFAULTS, generation))
+        gen = self._generation(VQA_DEFAULTS, generation)  # a bad setting fails before the image is encoded
+        cap = self._cap(max_prompt_tokens)
+        return ChatSession(self, self.encode_images([image]), gen, max_prompt_tokens=cap)
 
     # -- matching and retrieval ---------------------------------------------------------------------------
     def _qformer_text(self, texts: Sequence[str]):
-        tokens = tokenize_qformer(self.qformer_tokenizer, list(texts), QFORMER_MAX_TEXT)
+        # Long texts (a long chat question with question_to_qformer) are cut, never past the position table.
+        longest = min(QFORMER_MAX_TEXT, self.model.config.qformer.max_position_embeddings)
+        tokens = tokenize_qformer(self.qformer_tokenizer, list(texts), longest)
         return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
 
     @torch.no_grad()
@@ -311,28 +389,30 @@ class Blip2:
 @dataclass
 class ChatSession:
     """A multi-turn conversation about one image. The image's soft prompt is computed once; when the
-    history outgrows the LLM's context, the oldest turns are dropped (never the image) and a warning says so."""
+    history outgrows the LLM's context (or `max_prompt_tokens`), the oldest turns are dropped (never the
+    image) and a warning says so. A turn that cannot fit even alone is a ValueError naming the counts."""
 
     owner: Blip2
     image_feats: torch.Tensor  # (1, N, Dv): encoded once for the whole conversation
     generation: dict[str, Any]
     history: list[tuple[str, str]] = field(default_factory=list)
     dropped_turns: int = 0
-
-    def _context_limit(self) -> int:
-        cfg = self.owner.model.language_model.config
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        return int(limit) - self.owner.model.num_queries - int(self.generation.get("max_new_tokens", 10))
+    max_prompt_tokens: int | None = None
 
     def _fit(self, question: str) -> str:
-        tokenizer = self.owner.tokenizer
-        limit = self._context_limit()
+        owner = self.owner
+        template = vqa_template(owner.is_encoder_decoder)
+        max_new = self.generation.get("max_new_tokens", 20)  # 20: transformers' default when unset
+        args = (owner.model.num_queries, max_new, owner.llm_context, owner.is_encoder_decoder)
+        # A turn that cannot fit even alone is refused (with the counts) before it costs the conversation
+        # its history; once it fits alone, dropping old turns always ends.
+        alone = len(owner.tokenizer(chat_prompt([], question, template))["input_ids"])
+        check_prompt_length(alone, *args, self.max_prompt_tokens, what="the question's prompt alone")
+        budget = prompt_budget(*args, self.max_prompt_tokens)
         while True:
-            prompt = chat_prompt(self.history, question, vqa_template(self.owner.is_encoder_decoder))
-            if len(tokenizer(prompt)["input_ids"]) <= limit:
+            prompt = chat_prompt(self.history, question, template)
+            if len(owner.tokenizer(prompt)["input_ids"]) <= budget:
                 return prompt
-            if not self.history:
-                raise ValueError(f"the question alone is longer than the model's context ({limit} tokens left)")
             self.history.pop(0)
             self.dropped_turns += 1
             warnings.warn(
