@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import tiny_models as tm
 from blip2.models import losses
 from blip2.models.blip2 import Blip2Model
 from blip2.nn import masks
+from blip2.nn.distributed import gather_no_grad, gather_with_grad
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,59 @@ def test_temperature_is_learnable_and_unclamped(stage1):
     loss, sim, _ = losses.itc_loss(img, txt, temp)
     loss.backward()
     assert temp.grad is not None and torch.allclose(sim, losses.max_over_queries(img, txt) / 1e-4)
+
+
+def test_no_grad_gather_is_detached_at_world_size_one():
+    x = torch.randn(2, 3, requires_grad=True)
+    gathered = gather_no_grad(x, 1)
+    assert torch.equal(gathered, x) and not gathered.requires_grad
+    assert gather_with_grad(x, 1).requires_grad
+
+
+# Parameters only one ITC tower reaches; the shared self-attention, the Q-Former's layernorm and temp are both.
+_TEXT_ONLY = re.compile(r"embeddings\.|text_projection\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+_IMAGE_ONLY = re.compile(r"query_tokens|vision_projection\.|vision_model\.|.*\.crossattention\.|.*_query\.")
+
+
+def _itc_term_grads(model: Blip2Model, term: str, gather_grad: bool) -> dict[str, torch.Tensor]:
+    """Gradients of one ITC term ("i2t", "t2i" or the whole "itc" loss) on a fixed batch of 3 pairs."""
+    model.zero_grad()
+    pixels = torch.randn(3, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    ids, mask = _text()
+    image = model.image_itc_features(model.query(model.encode_image(pixels)).hidden)
+    text = model.text_itc_features(model.encode_text(ids, mask))
+    loss, sim_i2t, sim_t2i = losses.itc_loss(image, text, model.temp, gather_grad=gather_grad)
+    target = torch.arange(3)
+    terms = {"itc": loss, "i2t": F.cross_entropy(sim_i2t, target, label_smoothing=0.1),
+             "t2i": F.cross_entropy(sim_t2i, target, label_smoothing=0.1)}
+    terms[term].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+def _moved(grads: dict[str, torch.Tensor], side: re.Pattern) -> set[str]:
+    return {n for n, g in grads.items() if side.match(n) and g.abs().sum() > 0}
+
+
+def test_no_grad_gather_trains_each_tower_from_its_own_itc_term(stage1):
+    """LAVIS's semantics at world size 1: image->text trains only the image side, text->image only the text
+    side, and the ITC loss is their mean."""
+    i2t, t2i, itc = (_itc_term_grads(stage1, term, gather_grad=False) for term in ("i2t", "t2i", "itc"))
+    assert not _moved(i2t, _TEXT_ONLY)
+    assert {"query_tokens", "vision_projection.weight"} <= _moved(i2t, _IMAGE_ONLY)
+    assert not _moved(t2i, _IMAGE_ONLY)
+    assert {"embeddings.word_embeddings.weight", "text_projection.weight"} <= _moved(t2i, _TEXT_ONLY)
+    for name, grad in itc.items():
+        half = i2t if _IMAGE_ONLY.match(name) else t2i if _TEXT_ONLY.match(name) else None
+        if half is not None:
+            assert torch.allclose(grad, half[name] / 2, atol=1e-7), name
+
+
+def test_gather_with_grad_trains_both_towers_from_each_itc_term(stage1):
+    i2t, t2i = (_itc_term_grads(stage1, term, gather_grad=True) for term in ("i2t", "t2i"))
+    assert "text_projection.weight" in _moved(i2t, _TEXT_ONLY)
+    assert "query_tokens" in _moved(t2i, _IMAGE_ONLY)
 
 
 def test_itg_label_smoothing():

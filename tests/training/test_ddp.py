@@ -1,8 +1,11 @@
 """Two processes under torchrun (gloo, 127.0.0.1) train exactly as one process on the same global batch.
 
 Why it can be exact: the sampler gives rank r the r-th slice of each global batch and every item's
-augmentation is seeded by (seed, epoch, index); ITC gathers with gradient (open_clip's scheme), DDP
-averages the ranks' mean losses, which equals the global mean. Two things must be made comparable:
+augmentation is seeded by (seed, epoch, index); DDP averages the ranks' mean losses, which equals the global
+mean. For ITC that holds with either gather: with gradient (open_clip) the gather's backward returns each rank
+the other ranks' terms' gradients of its rows; without (LAVIS) each rank's image->text term over its own images
+against all texts trains only its image side, exactly as those rows of the one-process loss do, and likewise
+text->image. Two things must be made comparable:
 - dropout draws differ between one and two processes: the model runs without dropout here;
 - ITM hard negatives are drawn per rank from that rank's rows. With a global batch of 2 (one pair per
   rank) every sample has exactly one non-matching item, so the draw is forced and the same in both runs.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -42,20 +46,25 @@ def _torchrun(module: str, config, *overrides: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _max_difference(a_folder, b_folder) -> float:
+def _max_difference(a_folder, b_folder, skip: str = "^$") -> float:
     a, b = load_file(a_folder / "model.safetensors"), load_file(b_folder / "model.safetensors")
     assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    return max(float((a[k] - b[k]).abs().max()) for k in a if not re.search(skip, k))
 
 
 @pytest.mark.slow
-def test_stage1_two_processes_equal_one_process(tmp_path, tokenizers):
+@pytest.mark.parametrize("gather_grad", [False, True])
+def test_stage1_two_processes_equal_one_process(tmp_path, tokenizers, gather_grad):
     pairs = write_pairs(tmp_path, 8)
+    model = json.loads(json.dumps(without_dropout(tm.our_config(None)).to_dict()))
+    # At the 0.02 init every pair's ITC features are nearly equal, so each side's ITC gradient is a difference
+    # of nearly equal terms: rounding dominates it and Adam, blind to scale, turns that into weight changes.
+    model["qformer"]["initializer_range"] = model["vision"]["hf_config"]["initializer_range"] = 0.2
     config = {
-        "model": json.loads(json.dumps(without_dropout(tm.our_config(None)).to_dict())),
+        "model": model,
         "qformer_tokenizer": str(tokenizers["bert"]), "data": {"path": str(pairs)},
         "steps": 3, "lr": 1e-3, "warmup_steps": 1, "grad_clip": 1e9,  # a clip that never clips logs the grad norm
-        "log_every": 1, "progress": False, "plot": False, "device": "cpu",
+        "log_every": 1, "progress": False, "plot": False, "device": "cpu", "gather_grad": gather_grad,
     }
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -68,8 +77,10 @@ def test_stage1_two_processes_equal_one_process(tmp_path, tokenizers):
         got, want = [r[key] for r in records], [r[key] for r in expected]
         assert got == pytest.approx(want, rel=1e-5, abs=1e-5), key
     assert [r["loss"] for r in expected] == pytest.approx(one.losses, rel=1e-7)
-    worst = _max_difference(tmp_path / "one" / "final", tmp_path / "two" / "final")
-    print(f"stage 1, DDP vs one process: worst weight difference {worst:.2e}")
+    # A key bias adds the same q·b to all of a query's scores, which softmax ignores: its true gradient is 0,
+    # and Adam scales the rounding left in its place up to lr-sized steps that differ between the two runs.
+    worst = _max_difference(tmp_path / "one" / "final", tmp_path / "two" / "final", skip=r"\.key\.bias$")
+    print(f"stage 1 (gather_grad={gather_grad}), DDP vs one process: worst weight difference {worst:.2e}")
     assert worst < 1e-5, worst
 
 

@@ -221,9 +221,10 @@ class Blip2Model(nn.Module):
         rank: int = 0,
         image_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        gather_grad: bool = True,
+        gather_grad: bool = False,
     ) -> dict[str, torch.Tensor]:
         """ITC + ITM + ITG on a batch of matching (image, text) pairs (REFERENCE §2); the total is their sum.
+        `gather_grad`: ITC's gather, see `losses.itc_loss` (False is LAVIS's).
 
         image_feats (B, N, Dv) from `encode_image`; input_ids (B, T) start with [CLS].
         """
@@ -237,7 +238,8 @@ class Blip2Model(nn.Module):
             image_feats_itc, text_feats_itc, self.temp, world_size, rank, image_ids, gather_grad
         )
 
-        # ITM: one hard negative image per text and one hard negative text per image, mined from ITC.
+        # ITM: one hard negative image per text and one hard negative text per image, mined from ITC's values
+        # (so the same draws with either gather, as LAVIS mines under no_grad).
         all_ids = gather_no_grad(image_ids, world_size) if image_ids is not None else None
         positives = losses.positive_mask(batch, sim_i2t.shape[1], rank, image_ids, all_ids, sim_i2t.device)
         neg_image = losses.sample_hard_negatives(sim_t2i, positives, generator)  # (B,) into the gathered batch

@@ -1,6 +1,7 @@
 """Stage-1 objectives (REFERENCE §2): ITC, hard-negative mining for ITM, ITM and ITG losses.
 
-Everything cross-process takes `world_size`/`rank` explicitly; at world size 1 the gathers are no-ops.
+Everything cross-process takes `world_size`/`rank` explicitly; at world size 1 the gathers need no process
+group and carry gradient exactly as they do at world size N.
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ def itc_loss(
     world_size: int = 1,
     rank: int = 0,
     image_ids: torch.Tensor | None = None,
-    gather_grad: bool = True,
+    gather_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """image_feats (B, Q, E) and text_feats (B, E) normalised; temp a learnable scalar (init 0.07, never
     clamped in BLIP-2). Returns (loss, sim_i2t (B, W*B), sim_t2i (B, W*B)), similarities divided by temp.
 
-    `gather_grad=True` gathers the other ranks' features with gradient so N processes equal one process on
-    the global batch; False is LAVIS's cheaper no-grad gather (only the local side gets gradient).
+    `gather_grad=False` (LAVIS, whose recipes REFERENCE §5 were tuned with it): the gathered side, this
+    rank's own rows included, carries no gradient, so the image->text term trains only the image side and the
+    text->image term only the text side. `gather_grad=True` (open_clip's gather-with-grad): both terms reach
+    both sides, about twice the ITC gradient. Either way N processes under DDP equal one on the global batch.
     """
     gather = (lambda x: gather_with_grad(x, world_size, rank)) if gather_grad else (lambda x: gather_no_grad(x, world_size))
     all_image = gather(image_feats)  # (W*B, Q, E)

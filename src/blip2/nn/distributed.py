@@ -1,5 +1,5 @@
 """Cross-process gathers for the contrastive losses. World size and rank are arguments; at world size 1
-they return their input, so single-process code needs no process group."""
+they need no process group and keep the gradient semantics they have at world size N."""
 
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ def gather_with_grad(x: torch.Tensor, world_size: int = 1, rank: int = 0) -> tor
 
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor, world_size: int = 1) -> torch.Tensor:
-    """(B, ...) -> (W*B, ...) without gradient (LAVIS's `concat_all_gather`)."""
+    """(B, ...) -> (W*B, ...) without gradient (LAVIS's `concat_all_gather`), this rank's own slice included."""
     if world_size == 1:
-        return x
+        # Detached too: returning `x` would keep it in the graph, so one process would train differently
+        # from N (LAVIS always initialises a process group, so its gather copies even at world size 1).
+        return x.detach()
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)

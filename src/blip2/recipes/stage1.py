@@ -68,7 +68,9 @@ class Stage1Config(TrainConfig):
     qformer_init: str | None = None  # from scratch: a BERT folder for the Q-Former (REFERENCE §1), else random
     qformer_tokenizer: str | None = None  # BERT tokenizer with [DEC]; default: the init_from folder's
     use_image_ids: bool = True  # same image => ITC positive, never an ITM negative (REFERENCE §2)
-    gather_grad: bool = True  # ITC gathers with gradient: N processes train as one on the global batch
+    # ITC's cross-rank gather: false = LAVIS's no-grad gather, which the published recipes were tuned with;
+    # true = open_clip's gather-with-grad (each ITC term also trains the other tower: ~2x the ITC gradient)
+    gather_grad: bool = False
     # Parameter-name prefixes to train, everything else frozen; e.g. re-fitting only the ITC/ITM/ITG heads of
     # a stage-2 checkpoint whose Q-Former moved: [vision_projection, text_projection, itm_head, temp, qformer_lm_head]
     trainable: list[str] | None = None
