@@ -4,17 +4,20 @@ Only the standard library is imported at module level: torch, transformers and t
 the command functions, so `blip2 --help` is instant (DESIGN §3). A user mistake (missing or unreadable
 image, unknown model, wrong kind of checkpoint) ends in one `blip2: error: …` line on stderr and a non-zero
 exit, never a traceback (STYLE "Errors for people"); a genuine bug still shows its traceback, and `--debug`
-shows one for every error.
+shows one for every error. Stdout holds the results; stderr only our notes, our progress bars on long work and
+real warnings, unless `-v` lets the libraries' logs and progress bars through (`_library_output`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +184,63 @@ def _print_json(rows: Any) -> None:
     print(json.dumps(rows, indent=2, ensure_ascii=False))
 
 
+# ------------------------------------------------------------------------------------- library output
+
+# Read by the libraries when they are first imported, which is after main() starts: torch and transformers
+# load inside the commands. A variable the user already set wins.
+QUIET_ENV = {
+    # transformers' loaders and tokenizers log INFO/WARNING advice meant for their own developers.
+    "TRANSFORMERS_VERBOSITY": "error",
+    # transformers' "Loading weights" / "Writing model shards" bars and huggingface_hub's follow this switch.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # tqdm's default for bars made without `disable=`, e.g. transformers' GGUF dequantizer, which calls tqdm
+    # directly. Our bars always pass `disable=`, which wins over this default, so they still show.
+    "TQDM_DISABLE": "1",
+}
+VERBOSE_ENV = {"TRANSFORMERS_VERBOSITY": "info"}
+# These set up logging themselves (timestamps, log levels): they get no `blip2: note:` handler.
+OWN_LOGGING = ("train", "cache-features", "serve")
+
+
+class _NoteFormatter(logging.Formatter):
+    """Our library's log records as the CLI's own lines: `blip2: note: …`, `blip2: warning: …`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "note" if record.levelno < logging.WARNING else record.levelname.lower()
+        return f"blip2: {kind}: {record.getMessage()}"
+
+
+@contextmanager
+def _library_output(verbose: bool, notes: bool) -> Iterator[None]:
+    """While a command runs: the libraries quiet (or, with `verbose`, at INFO with their bars), Python warnings
+    only from our own modules unless the user chose with -W / PYTHONWARNINGS, and with `notes` the `blip2.*`
+    loggers' INFO records on stderr. Everything is put back afterwards, for callers of main() in-process."""
+    env = {k: v for k, v in (VERBOSE_ENV if verbose else QUIET_ENV).items() if k not in os.environ}
+    os.environ.update(env)
+    ours = logging.getLogger("blip2")
+    level = ours.level
+    handler = None
+    if notes:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_NoteFormatter())
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            if not verbose and not sys.warnoptions:
+                # A warning counts as ours when it is attributed to a blip2 module, as warnings raised by our
+                # code (or about our calls) are; torch's and transformers' own internals stay quiet.
+                warnings.filterwarnings("ignore")
+                warnings.filterwarnings("default", module=r"blip2(\.|$)")
+            yield
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+        if handler is not None:
+            ours.removeHandler(handler)
+            ours.setLevel(level)
+
+
 # ------------------------------------------------------------------------------------------- commands
 
 
@@ -292,19 +352,23 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     paths = _expand_images(args.images)
     model = _load(args)
     results = model.retrieve(args.texts, paths, k=args.k, rerank=args.rerank)
+    # The ranking score (ITM logit + ITC cosine, REFERENCE §6) has no unit a reader knows; the ITM probability
+    # of the k shown images does, as in `blip2 itm`. It costs encoding those k images once more.
+    probs = [model.itm([paths[m.index] for m in matches], text) if matches else []
+             for text, matches in zip(args.texts, results)]
     if args.json:
         _print_json([
-            {"text": text, "rank": rank, "image": paths[m.index], "score": m.score, "itc": m.itc}
-            for text, matches in zip(args.texts, results)
-            for rank, m in enumerate(matches, 1)
+            {"text": text, "rank": rank, "image": paths[m.index], "itm": p, "itc": m.itc, "score": m.score}
+            for text, matches, ps in zip(args.texts, results, probs)
+            for rank, (m, p) in enumerate(zip(matches, ps), 1)
         ])
         return 0
     several = len(args.texts) > 1
-    for i, (text, matches) in enumerate(zip(args.texts, results)):
+    for i, (text, matches, ps) in enumerate(zip(args.texts, results, probs)):
         if several:
             print(("\n" if i else "") + f"{text}:")
-        for m in matches:
-            print(f"{'  ' if several else ''}{m.score:8.4f}  {paths[m.index]}")
+        for m, p in zip(matches, ps):
+            print(f"{'  ' if several else ''}{paths[m.index]}: match {p:.4f}  similarity {m.itc:.4f}")
     return 0
 
 
@@ -333,11 +397,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise CliError("blip2 serve needs the serve extra: pip install 'blip2[serve]'") from None
-    from blip2.serve.server import run
+    from blip2.serve.server import build_config, run
 
-    if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
-        raise CliError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
-    return run(args, _load(args))
+    config = build_config(args)  # bad flag values fail here, before the model loads
+    return run(args, config, _load(args))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -360,6 +423,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- parser
 
 
+VERBOSE_HELP = "also show the libraries' logs, progress bars and warnings (transformers, torch, huggingface_hub)"
+
+
+def _add_verbose(group) -> None:
+    # SUPPRESS: unset after the command leaves `blip2 -v COMMAND` as given, so -v works on either side.
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+
+
 def _model_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model options")
@@ -374,6 +445,7 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="images (and prompts) per forward pass (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    _add_verbose(g)
     return p
 
 
@@ -398,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"blip2 {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback for every error")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     model, gen = _model_options(), _generation_options()
 
@@ -427,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE", help="the image file")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="one or more texts")
 
-    text = "The images that best match each text (ITC, then re-ranked by ITM)."
+    text = ("The images that best match each text, best first: the ITC top candidates re-ranked by ITM logit + "
+            "ITC cosine. Shows each image's ITM match probability and ITC similarity, as `blip2 itm` does; "
+            "--json adds the ranking score as `score`.")
     p = add("retrieve", cmd_retrieve, text, [model])
     p.add_argument("texts", nargs="+", metavar="TEXT", help="one or more texts to search for")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
@@ -461,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     text = "Convert a LAVIS .pth checkpoint into a folder that blip2 (and transformers) loads."
     p = add("convert", cmd_convert, text, [])
+    _add_verbose(p)
     p.add_argument("src", metavar="SRC", help="the LAVIS checkpoint (.pth)")
     p.add_argument("dst", metavar="DST", help="the folder to write")
     p.add_argument("--llm", default=None, metavar="NAME_OR_DIR",
@@ -485,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version, usage errors
         return done.code if isinstance(done.code, int) else (0 if done.code is None else EXIT_USAGE)
     try:
-        return args.func(args)
+        with _library_output(args.verbose, notes=args.command not in OWN_LOGGING):
+            return args.func(args)
     except KeyboardInterrupt:
         print("\nblip2: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

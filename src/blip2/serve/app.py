@@ -53,7 +53,7 @@ class ServerConfig:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+    def __init__(self, status: int, message: str, kind: str | None = None, param: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
@@ -102,6 +102,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError):
         return JSONResponse(error_body(err.status, err.message, err.kind, err.param), err.status, headers=err.headers)
+
+    @app.exception_handler(MediaError)
+    async def _media_error(_: Request, err: MediaError):
+        return JSONResponse(error_body(err.status, err.message), err.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError):

@@ -136,10 +136,13 @@ class Engine:
         self._depth = 0  # jobs submitted and not yet started
         self._depth_lock = threading.Lock()
         self._closing = False
+        self.cancelled = 0  # jobs whose client left (or timed out) before they finished
         self._thread = threading.Thread(target=self._run, name="blip2-model-worker", daemon=True)
         self.metrics.gauge("blip2_queue_depth", "Jobs waiting for the model worker.", lambda: self._depth)
         self.metrics.gauge("blip2_image_cache_hits_total", "Image features served from the cache.", lambda: self.cache.hits)
         self.metrics.gauge("blip2_image_cache_misses_total", "Images that had to be encoded.", lambda: self.cache.misses)
+        self.metrics.gauge("blip2_cancelled_total", "Jobs stopped early because their client left or timed out.",
+                           lambda: self.cancelled)
         self.metrics.gauge("blip2_image_cache_bytes", "Bytes of image features held.", lambda: self.cache.bytes)
         self.metrics.gauge("blip2_image_cache_images", "Images whose features are held.", lambda: len(self.cache))
 
@@ -219,7 +222,9 @@ class Engine:
         if isinstance(first, CallJob):
             self._pending.pop(0)
             self._started(first)
-            if not first.cancelled.is_set():
+            if first.cancelled.is_set():
+                self.cancelled += 1
+            else:
                 self._call(first)
             return
         batch = [j for j in self._pending if isinstance(j, GenerationJob) and j.key == first.key][: self.max_batch_size]
@@ -227,6 +232,7 @@ class Engine:
         self._pending = [j for j in self._pending if id(j) not in taken]
         for job in batch:
             self._started(job)
+        self.cancelled += sum(j.cancelled.is_set() for j in batch)
         batch = [j for j in batch if not j.cancelled.is_set()]
         if batch:
             self._generate(batch)
@@ -311,6 +317,7 @@ class Engine:
             text, stopped = _cut_at_stop(text, job.stop)
             if job.cancelled.is_set():
                 reason = "cancelled"
+                self.cancelled += 1
             elif stopped or hit_eos or limit is None or n < limit:
                 reason = "stop"
             else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -64,16 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="server log level (default: %(default)s)")
 
 
-def run(args: argparse.Namespace, blip2) -> int:
-    """Serve `blip2` (a loaded `Blip2`) until Ctrl-C / SIGTERM."""
-    import uvicorn
-    from fastapi import FastAPI
-
-    from blip2.serve.app import ServerConfig, create_app
-    from blip2.serve.engine import Engine
+def build_config(args: argparse.Namespace):
+    """The server's settings from the command line; a bad value is a ValueError naming its flag (checked
+    before the model loads, so a typo costs no loading time)."""
+    from blip2.serve.app import ServerConfig
     from blip2.serve.media import MediaPolicy
 
-    config = ServerConfig(
+    return ServerConfig(
         model_name=args.served_model_name or args.model,
         api_key=args.api_key or os.environ.get("BLIP2_API_KEY") or None,
         media=MediaPolicy(
@@ -88,6 +86,16 @@ def run(args: argparse.Namespace, blip2) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens_limit=args.max_new_tokens,
     )
+
+
+def run(args: argparse.Namespace, config, blip2) -> int:
+    """Serve `blip2` (a loaded `Blip2`) with `config` (from `build_config`) until Ctrl-C / SIGTERM."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from blip2.serve.app import create_app
+    from blip2.serve.engine import Engine
+
     engine = Engine(blip2, max_batch_size=args.max_batch_size, max_wait_s=max(0.0, args.max_wait_ms) / 1000,
                     max_queue=args.max_queue, cache_bytes=int(args.image_cache_mb * 1024**2))
     app: FastAPI = create_app(engine, config)
@@ -105,5 +113,13 @@ def run(args: argparse.Namespace, blip2) -> int:
                                    lifespan="on"))
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"blip2 serve: warning: listening on {args.host} without an API key (--api-key)", file=sys.stderr)
-    server.run()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the previous handler;
+    # a no-op one makes the process end normally (exit 0) after that clean shutdown instead of dying by it.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("blip2 serve: stopped", flush=True)
     return 0
