@@ -45,10 +45,12 @@ class ShuttingDown(Exception):
 
 @dataclass
 class ImageRef:
-    """One request image: its content hash and, unless it was cached when the request came in, its pixels."""
+    """One request image: its content hash, the decoded image, and (unless it was cached when the request came
+    in) its pixels, preprocessed in the handler's thread so the worker does not wait on it."""
 
     sha256: str
     pixels: torch.Tensor | None  # (1, 3, S, S) on the CPU
+    image: Any = None  # the decoded PIL image: pixels again if the cache evicts the features meanwhile
 
 
 @dataclass
@@ -160,8 +162,8 @@ class Engine:
     def image_ref(self, sha256: str, image) -> ImageRef:
         """Pixels only for images the cache does not hold (preprocessing runs in the handler's thread)."""
         if sha256 in self.cache:
-            return ImageRef(sha256, None)
-        return ImageRef(sha256, self.blip2.images([image]))
+            return ImageRef(sha256, None, image)
+        return ImageRef(sha256, self.blip2.images([image]), image)
 
     def submit(self, job: _Job) -> _Job:
         if self._closing:
@@ -255,8 +257,8 @@ class Engine:
                 found[ref.sha256] = feats
             elif ref.pixels is not None:
                 missing[ref.sha256] = ref.pixels
-            else:  # evicted between the handler's look-up and now: the handler must resend pixels
-                raise RuntimeError("image features were evicted before use")
+            else:  # evicted between the handler's look-up and now
+                missing[ref.sha256] = self.blip2.images([ref.image])
         if missing:
             model = self.blip2.model
             dtype = next(model.vision_model.parameters()).dtype
