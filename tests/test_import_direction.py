@@ -18,8 +18,10 @@ ALLOWED: dict[str, set[str]] = {
     "eval.metrics": {"eval.metrics"},
     "eval": {"eval", "eval.metrics", "inference", "data", "convert", "models", "nn"},
     "recipes": {"recipes", "nn", "models", "convert", "data", "training", "inference", "eval", "eval.metrics"},
-    "serve": {"serve", "inference", "data", "convert", "models", "nn"},
-    "cli": {"cli", "inference", "data", "convert", "models", "nn", "training", "recipes", "eval", "eval.metrics", "serve"},
+    "collections": {"collections", "inference", "data", "convert", "models", "nn"},
+    "serve": {"serve", "collections", "inference", "data", "convert", "models", "nn"},
+    "cli": {"cli", "inference", "data", "convert", "models", "nn", "training", "recipes", "eval", "eval.metrics", "serve",
+            "collections"},
 }
 
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 Rng = random.Random | torch.Generator | None
@@ -78,7 +78,8 @@ def _load_path(path: Path) -> Image.Image:
     def read() -> Image.Image:
         with Image.open(path) as im:
             im.load()  # decode now, inside the error handling, and let the file close
-            return _to_rgb(im)
+            # Cameras store the rotation as an EXIF tag: apply it, as transformers' load_image does.
+            return _to_rgb(ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im)
 
     return _decode(read, str(path))
 
