@@ -83,7 +83,9 @@ def test_make_default_model_chains_the_stages(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(blip2.recipes, "run_recipe", lambda name, argv: calls.append((name, argv)) or 0)
     monkeypatch.setattr(default_model, "export", lambda folder: folder)
-    assert default_model.main(["--work", str(tmp_path), "--device", "cuda", "--resume", "--stage2", "steps=7"]) == 0
+    small = ["--limit-images", "20", "--views", "2", "--rendered", "24"]
+    argv = ["--work", str(tmp_path), "--device", "cuda", "--resume", *small, "--stage2", "steps=7"]
+    assert default_model.main(argv) == 0
     assert [name for name, _ in calls] == ["cache-features", "stage1", "stage2", "stage1"]
     assert calls[0][1][calls[0][1].index("--device") + 1] == "cuda"
     for (_, argv), config, start in zip(calls[1:], ("default_stage1", "default_stage2", "default_refit"),
@@ -92,6 +94,95 @@ def test_make_default_model_chains_the_stages(tmp_path, monkeypatch):
         inits = [a for a in argv if a.startswith("init_from=")]
         assert inits == ([f"init_from={tmp_path / start / 'final'}"] if start else [])
     assert calls[2][1][-1] == "steps=7" and "steps=7" not in calls[1][1] + calls[3][1]
+    assert "data.augment=false" in calls[1][1]  # the augmentation is in the image files the cache holds
+    images = 20 * 3 + 24  # originals, two views of each, rendered
+    asked = sum(q.image_id < 20 for q in easy_vqa.questions("train"))
     stage2 = [json.loads(line) for line in (tmp_path / "stage2.jsonl").read_text().splitlines()]
-    assert len(stage2) == 38_575 + 4_000 * 5  # questions, then per image a caption and four chat turns
-    assert sum("history" in r for r in stage2) == 3 * 4_000
+    # Questions (an original's also for its views; ten per rendered image), then per image a caption and
+    # four chat turns.
+    assert len(stage2) == 3 * asked + 24 * 10 + images * 5
+    assert sum("history" in r for r in stage2) == 3 * images
+
+
+def test_write_data_adds_augmented_views_and_rendered_images(tmp_path):
+    from PIL import Image
+
+    from blip2.data import shape_augment, shapes
+    from blip2.recipes import default_model
+
+    files = default_model.write_data(tmp_path, views=2, rendered=24, limit=8)
+    captions = [json.loads(line) for line in files["captions"].read_text().splitlines()]
+    names = [c["image"] for c in captions]
+    assert sum(n.startswith("easy-vqa/") for n in names) == 8
+    assert sum(n.startswith("augmented/") for n in names) == 16
+    assert sum(n.startswith("rendered/") for n in names) == 24
+    texts = easy_vqa.all_caption_texts()
+    for c in captions:  # the file is there and shows the caption's colour
+        colour = c["text"].split()[1]
+        assert texts[c["image_id"]] == c["text"]
+        with Image.open(files["images"] / c["image"]) as im:
+            assert shape_augment.layers(im.convert("RGB"))[1] == shapes.PALETTE[colour], c
+    stage2 = [json.loads(line) for line in files["stage2"].read_text().splitlines()]
+    by_image: dict[str, list] = {}
+    for r in stage2:
+        if r["question"] and "history" not in r:
+            by_image.setdefault(r["image"], []).append((r["question"], r["answers"]))
+    first = next(n for n in names if n.startswith("easy-vqa/"))
+    stem = first.split("/")[1].removesuffix(".png")
+    expected = [(q.question, [q.answer]) for q in easy_vqa.questions("train") if q.image_id == int(stem)]
+    for name in (first, f"augmented/{stem}-0.png", f"augmented/{stem}-1.png"):  # then a chat opener
+        assert by_image[name][: len(expected)] == expected and len(by_image[name]) == len(expected) + 1
+    rendered = by_image["rendered/00000.png"][:10]  # then a chat opener
+    kinds = [easy_vqa.question_type(answers[0]) for _, answers in rendered]
+    assert kinds.count("colour") == 3 and kinds.count("shape") == 2 and kinds.count("yes/no") == 5
+    # A second call reuses the drawn images (the manifest matches) and writes the same records.
+    before = (files["images"] / "rendered" / "00000.png").stat().st_mtime_ns
+    again = default_model.write_data(tmp_path, views=2, rendered=24, limit=8)
+    assert again["stage2"].read_text() == files["stage2"].read_text()
+    assert (files["images"] / "rendered" / "00000.png").stat().st_mtime_ns == before
+
+
+def test_a_stale_feature_cache_is_rebuilt(tmp_path):
+    from blip2.recipes import default_model
+
+    files = default_model.write_data(tmp_path, views=1, rendered=3, limit=2)
+    cache = tmp_path / "features-train"
+    cache.mkdir()
+    keys = [json.loads(line)["image"] for line in files["captions"].read_text().splitlines()]
+    (cache / "index.json").write_text(json.dumps({"keys": keys[:-1]}))  # an older run's, without a render
+    assert not default_model._cache_covers(cache, files["captions"])
+    (cache / "index.json").write_text(json.dumps({"keys": keys}))
+    assert default_model._cache_covers(cache, files["captions"])
+
+
+@pytest.mark.slow
+def test_a_tiny_default_model_run_trains_on_views_and_renders(tmp_path):
+    """The whole pipeline on CPU with tiny stages: data (originals, views, renders), the EfficientNet feature
+    cache of all of them, stage 1, stage 2 and the re-fit, with a tiny Q-Former and a tiny random LLM."""
+    import sys
+
+    from blip2.data.feature_cache import FeatureCache
+    from blip2.recipes import default_model
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models as tm
+
+    tm.word_tokenizer("llama").save_pretrained(tmp_path / "llm-tokenizer")
+    short = ["batch_size=4", "warmup_steps=1", "log_every=1", "save_every=2"]
+    qformer = ["qformer_init=null", "model.qformer.hidden_size=32", "model.qformer.num_hidden_layers=2",
+               "model.qformer.num_attention_heads=4", "model.qformer.intermediate_size=37",
+               "model.image_text_hidden_size=16", "model.num_query_tokens=4"]
+    llm = [f"tokenizer={tmp_path / 'llm-tokenizer'}", "language.pretrained=null", "language.gguf_file=null",
+           *(f"language.hf_config.{k}={v}" for k, v in (("hidden_size", 32), ("intermediate_size", 37),
+                                                         ("num_hidden_layers", 1), ("num_attention_heads", 4),
+                                                         ("num_key_value_heads", 2), ("vocab_size", 64)))]
+    work = tmp_path / "work"
+    code = default_model.main(["--work", str(work), "--limit-images", "4", "--views", "1", "--rendered", "4",
+                               "--skip-export", "--stage1", "steps=2", *short, *qformer,
+                               "--stage2", "steps=2", *short, *llm, "--refit", "steps=1", *short])
+    assert code == 0
+    cache = FeatureCache(work / "features-train")
+    assert len(cache) == 4 + 4 + 4 and cache["rendered/00003.png"].shape == (49, 1280)
+    assert {k.split("/")[0] for k in cache.keys} == {"easy-vqa", "augmented", "rendered"}
+    for stage in ("stage1", "stage2", "refit"):
+        assert (work / stage / "final" / "model.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""Our renderer of easy-VQA-like images: deterministic, and its labels and answers are what the pixels show."""
+"""Our renderer of easy-VQA-like images: deterministic; its labels and answers are what the pixels show."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def test_backgrounds_are_pale_and_vary():
 def test_each_shape_covers_its_own_share_of_its_box():
     """Covered area / (width x height): 1 for a rectangle, pi/4 for a circle, 1/2 for a triangle; the
     nearest of the three is the label for every scene, rotated, tiny or without anti-aliasing."""
-    for scene in _scenes(240, seed=1) + [dataclasses.replace(s, antialias=False) for s in _scenes(72, seed=2)]:
+    aliased = [dataclasses.replace(s, antialias=False) for s in _scenes(72, seed=2)]
+    for scene in _scenes(240, seed=1) + aliased:
         ratio = float(shapes.coverage(scene).sum()) / (scene.width * scene.height)
         nearest = min(FILL, key=lambda s: abs(FILL[s] - ratio))
         assert nearest == scene.shape, (scene, ratio)

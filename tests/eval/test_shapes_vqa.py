@@ -38,10 +38,11 @@ def test_the_name_resolves_to_a_fixed_balanced_set(cache):
         if it.question_type == "shape":
             assert it.answers == [shape]
     # Rendered once: a second load reuses the files (same bytes, untouched).
-    first = (cache / "shapes-vqa" / f"test-v{shapes_vqa.VERSION}" / "images" / "00000.png").stat().st_mtime_ns
+    png = cache / "shapes-vqa" / f"test-v{shapes_vqa.VERSION}" / "images" / "00000.png"
+    first = png.stat().st_mtime_ns
     again = datasets.load("vqa", ["shapes-vqa:test"], limit=5)
     assert [it.question for it in again] == [it.question for it in items[:5]]
-    assert (cache / "shapes-vqa" / f"test-v{shapes_vqa.VERSION}" / "images" / "00000.png").stat().st_mtime_ns == first
+    assert png.stat().st_mtime_ns == first
 
 
 def test_the_same_set_in_another_cache(cache, tmp_path_factory, monkeypatch):

@@ -90,11 +90,12 @@ def augment(image: Image.Image, rng: random.Random, shape: str, colour: str | No
     # The longer side gets a size drawn from the renderer's range (scaled to this image), whatever it was.
     scale = rng.uniform(*SIZE_RANGE) * size / 64 / max(w * math.sqrt(stretch), h / math.sqrt(stretch))
     scale = min(scale, MAX_GROW)
-    new_w, new_h = max(w * scale * math.sqrt(stretch), MIN_SIDE), max(h * scale / math.sqrt(stretch), MIN_SIDE)
+    new_w = max(w * scale * math.sqrt(stretch), MIN_SIDE)
+    new_h = max(h * scale / math.sqrt(stretch), MIN_SIDE)
     angle = 0.0 if shape == "circle" else rng.uniform(-MAX_ANGLE, MAX_ANGLE)
     # Shrink until the rotated shape fits with a pixel to spare.
-    a = math.radians(angle)
-    extent = max(new_w * abs(math.cos(a)) + new_h * abs(math.sin(a)), new_w * abs(math.sin(a)) + new_h * abs(math.cos(a)))
+    cos, sin = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
+    extent = max(new_w * cos + new_h * sin, new_w * sin + new_h * cos)
     if extent > size - 2:
         new_w, new_h = new_w * (size - 2) / extent, new_h * (size - 2) / extent
     # Float ("F") layers: PIL's 8-bit filters leave a shrunk shape's interior at 254/255, a colour shift.

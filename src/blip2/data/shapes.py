@@ -8,8 +8,8 @@ RGB values to the model; a shade change would change the answer). Everything is 
 `random.Random`, so a seed fixes an image set.
 
 A scene is drawn as a coverage mask (alpha in [0, 1]: 4x supersampled and box-filtered; when not
-anti-aliased, rounded to 0 or 1) composited as `alpha * colour + (1 - alpha) * background`: every pixel lies between
-the two colours, and the shape's interior is exactly the palette colour.
+anti-aliased, rounded to 0 or 1) composited as `alpha * colour + (1 - alpha) * background`: every pixel lies
+between the two colours, and the shape's interior is exactly the palette colour.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class Scene:
 
 def pale_background(rng: random.Random) -> tuple[int, int, int]:
     """A pale tint of any hue (low saturation, high value)."""
-    rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*BACKGROUND_SATURATION), rng.uniform(*BACKGROUND_VALUE))
+    hue = rng.random()
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(*BACKGROUND_SATURATION), rng.uniform(*BACKGROUND_VALUE))
     return tuple(int(round(255 * c)) for c in rgb)  # type: ignore[return-value]
 
 
@@ -118,7 +119,8 @@ def coverage(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
     return alpha if scene.antialias else (alpha >= 0.5).astype(np.float32)
 
 
-def composite(alpha: np.ndarray, colour: tuple[int, int, int], background: tuple[int, int, int]) -> Image.Image:
+def composite(alpha: np.ndarray, colour: tuple[int, int, int], background: tuple[int, int, int]
+              ) -> Image.Image:
     """alpha (H, W) -> RGB image: alpha * colour + (1 - alpha) * background, rounded."""
     a = np.clip(alpha, 0.0, 1.0)[..., None]  # (H, W, 1)
     rgb = a * np.asarray(colour, np.float32) + (1 - a) * np.asarray(background, np.float32)
@@ -134,18 +136,18 @@ def draw(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
 
 # The three kinds easy-VQA asks (colour, shape, yes/no about a colour or a shape, half of them negated), in
 # our own templates. {colour} / {shape} name the image's own colour or shape, {probe} the one asked about.
-COLOUR_QUESTIONS = ("what color is the shape?", "what is the color of the shape?", "what color is the {shape}?",
-                    "what is the color of the {shape}?")
-SHAPE_QUESTIONS = ("what shape is in the image?", "what shape is present?", "what shape does the image contain?",
-                   "what is the {colour} shape?")
-PROBE_COLOUR = ("is there a {probe} shape?", "is there a {probe} shape in the image?", "is a {probe} shape present?",
-                "does the image contain a {probe} shape?")
+COLOUR_QUESTIONS = ("what color is the shape?", "what is the color of the shape?",
+                    "what color is the {shape}?", "what is the color of the {shape}?")
+SHAPE_QUESTIONS = ("what shape is in the image?", "what shape is present?",
+                   "what shape does the image contain?", "what is the {colour} shape?")
+PROBE_COLOUR = ("is there a {probe} shape?", "is there a {probe} shape in the image?",
+                "is a {probe} shape present?", "does the image contain a {probe} shape?")
 PROBE_COLOUR_NOT = ("is there not a {probe} shape?", "is no {probe} shape present?",
                     "does the image not contain a {probe} shape?", "is there not a {probe} shape in the image?")
 PROBE_SHAPE = ("is there a {probe}?", "is there a {probe} in the image?", "is a {probe} present?",
                "does the image contain a {probe}?")
-PROBE_SHAPE_NOT = ("is there not a {probe}?", "is no {probe} present?", "does the image not contain a {probe}?",
-                   "is there not a {probe} in the image?")
+PROBE_SHAPE_NOT = ("is there not a {probe}?", "is no {probe} present?",
+                   "does the image not contain a {probe}?", "is there not a {probe} in the image?")
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ def breakdown(rows: list[dict[str, Any]], image_labels: dict[str, tuple[str, str
             confusions[kind][what if kind != "yes/no" else f"{colour} {shape}: {row['question']} {what}"] += 1
 
     def pct(values: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-        return {k: {"accuracy": round(100 * sum(v) / len(v), 2), "questions": len(v)} for k, v in sorted(values.items())}
+        return {k: {"accuracy": round(100 * sum(v) / len(v), 2), "questions": len(v)}
+                for k, v in sorted(values.items())}
 
     return {
         "per_image_colour": pct(by_colour), "per_image_shape": pct(by_shape),
@@ -116,8 +117,9 @@ def _cell(entry: dict[str, float] | None) -> str:
 
 def _markdown(result: dict[str, Any]) -> str:
     lines = ["# shapes-vqa: per colour and per shape (accuracy, questions)", ""]
-    for name, values, per_image, per_kind in (("colour", shapes.COLOURS, "per_image_colour", "colour_questions_per_colour"),
-                                             ("shape", shapes.SHAPES, "per_image_shape", "shape_questions_per_shape")):
+    tables = (("colour", shapes.COLOURS, "per_image_colour", "colour_questions_per_colour"),
+              ("shape", shapes.SHAPES, "per_image_shape", "shape_questions_per_shape"))
+    for name, values, per_image, per_kind in tables:
         lines += [f"| {name} | all questions | {name} questions |", "|---|---:|---:|"]
         lines += [f"| {v} | {_cell(result[per_image].get(v))} | {_cell(result[per_kind].get(v))} |"
                   for v in values if v in result[per_image]]

@@ -1,12 +1,17 @@
 """`make default-model`: train the embedded default model with our own recipes, from PyPI packages only.
 
     python -m blip2.recipes.default_model [--work runs/default] [--device cuda] [--resume] [--stage2 steps=N ...]
+        [--views 2] [--rendered 4000] [--limit-images N]
 
-1. data:   easy-VQA *train* split only (never test): captions "a {colour} {shape}" derived from each image's
-           answers (one ITC class per colour-shape pair, so same-caption images are positives); for stage 2
-           the 38,575 questions with their answers, the 4,000 captions and 16,000 chat turns derived from the
-           same labels ("what shape is this?" -> "circle", then "what color is it?" -> "red").
-2. cache:  EfficientNet-Lite0 runs once over the 4,000 train images (augmentation off).
+1. data:   the easy-VQA *train* split only (never test), each image with 2 augmented views (new size,
+           stretch, small rotation, position and pale background; the shape's colour is never touched), and
+           4,000 images of our own renderer (blip2.data.shapes): 16,000 image files under work/images/.
+           Per image: a caption "a {colour} {shape}" (one ITC class per colour-shape pair, so same-caption
+           images are positives); for stage 2 its questions (easy-VQA's 38,575 for an original and for each
+           of its views; 10 of our own per rendered image), the caption and 4 chat turns derived from the
+           labels ("what shape is this?" -> "circle", then "what color is it?" -> "red").
+2. cache:  EfficientNet-Lite0 runs once over the 16,000 image files (the per-step crop/flip stays off: the
+           augmentation is in the files).
 3. stage 1 (configs/default_stage1.yaml): ITC + ITM + ITG; Q-Former initialised from all-MiniLM-L6-v2.
 4. stage 2 (configs/default_stage2.yaml): SmolLM2-135M-Instruct (GGUF) frozen; the question also feeds the
            Q-Former (`question_to_qformer`), which trains with the projection.
@@ -56,29 +61,107 @@ def chat_records(image: str, colour: str, shape: str, rng: random.Random) -> lis
     ]
 
 
-def write_data(work: Path) -> dict[str, Path]:
-    """Train-split annotation files: captions.jsonl (stage 1) and stage2.jsonl (questions, captions, chat)."""
+# Offline augmentation (blip2.data.shape_augment): stages 1-2 train from a cache of frozen features, which
+# holds one feature map per image file, so an augmented view has to be an image file of its own. Each
+# easy-VQA train image gets VIEWS re-drawn views (new size, stretch, small rotation, position, background
+# tint; never a colour change), and RENDERED images from our own renderer (blip2.data.shapes) join them.
+# Every view and rendered image gets the records its labels give: questions, a caption, chat turns.
+VIEWS = 2
+RENDERED = 4000
+RENDER_SEED = "default-model:train"  # never shapes-vqa:test's seed (blip2.eval.shapes_vqa)
+# Questions per rendered image: colour questions weigh more than in easy-VQA (1.3 a image) because colour
+# is what the model got wrong on new images; shape and yes/no questions as easy-VQA asks them.
+RENDERED_KINDS = ("colour",) * 3 + ("shape",) * 2 + ("yes/no",) * 5
+IMAGES_VERSION = 1  # bump when the views or the renders change, so a work folder re-draws them
+
+
+def _write_images(root: Path, labels: dict[int, tuple[str, str]], paths: dict[int, Path], views: int,
+                  rendered: int) -> list[dict]:
+    """Copies of the originals, their augmented views and the rendered images under `root`; returns the
+    rendered images' records. Skipped when `root` already holds this exact set (its manifest says so)."""
+    from PIL import Image
+
+    from blip2.data import shape_augment, shapes
+
+    settings = {"version": IMAGES_VERSION, "images": sorted(labels), "views": views, "rendered": rendered}
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
+        if saved["settings"] == settings:
+            return saved["rendered"]
+        manifest.unlink()
+    for sub in ("easy-vqa", "augmented"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, (colour, shape) in sorted(labels.items()):
+        shutil.copyfile(paths[image_id], root / "easy-vqa" / paths[image_id].name)
+        with Image.open(paths[image_id]) as im:
+            original = im.convert("RGB")
+        for k in range(views):
+            rng = random.Random(f"augment:{image_id}:{k}")
+            view = shape_augment.augment(original, rng, shape, colour)
+            view.save(root / "augmented" / f"{image_id}-{k}.png")
+    labels_drawn = shapes.balanced_labels(rendered)
+    drawn = shapes.render_set(root / "rendered", labels_drawn, RENDER_SEED, RENDERED_KINDS)
+    records = [{"image": f"rendered/{r.image}", "colour": r.colour, "shape": r.shape,
+                "questions": [[q.question, q.answer] for q in r.questions]} for r in drawn]
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "rendered": records}))
+    tmp.replace(manifest)  # last: a run cut off while drawing re-draws everything
+    return records
+
+
+def write_data(work: Path, views: int = VIEWS, rendered: int = RENDERED, limit: int | None = None
+               ) -> dict[str, Path]:
+    """Train-split annotation files over work/images/: captions.jsonl (stage 1) and stage2.jsonl (questions,
+    captions, chat), for the easy-VQA train images (the first `limit`, for a smoke test), `views` augmented
+    views of each and `rendered` images of our own."""
     work.mkdir(parents=True, exist_ok=True)
     labels = easy_vqa.image_labels("train")
+    if limit is not None:
+        labels = {i: labels[i] for i in sorted(labels)[:limit]}
     texts = easy_vqa.all_caption_texts()
-    qs = easy_vqa.questions("train")
-    paths = {q.image_id: Path(q.image) for q in qs}
+    asked: dict[int, list[tuple[str, str]]] = {}
+    paths: dict[int, Path] = {}
+    for q in easy_vqa.questions("train"):
+        if q.image_id in labels:
+            asked.setdefault(q.image_id, []).append((q.question, q.answer))
+            paths[q.image_id] = Path(q.image)
+    root = work / "images"
+    drawn = _write_images(root, labels, paths, views, rendered)
+    # (image, colour, shape, its questions) for every image file training sees.
+    images = []
+    for image_id, (colour, shape) in sorted(labels.items()):
+        images.append((f"easy-vqa/{paths[image_id].name}", colour, shape, asked.get(image_id, [])))
+        images += [(f"augmented/{image_id}-{k}.png", colour, shape, asked.get(image_id, []))
+                   for k in range(views)]
+    images += [(r["image"], r["colour"], r["shape"], [tuple(qa) for qa in r["questions"]]) for r in drawn]
     captions = work / "captions.jsonl"
     with captions.open("w") as f:
-        for image_id, (colour, shape) in sorted(labels.items()):
+        for name, colour, shape, _ in images:
             text = easy_vqa.caption_text(colour, shape)
-            f.write(json.dumps({"image": paths[image_id].name, "text": text, "image_id": texts.index(text)}) + "\n")
+            f.write(json.dumps({"image": name, "text": text, "image_id": texts.index(text)}) + "\n")
     stage2 = work / "stage2.jsonl"
     rng = random.Random(0)
     with stage2.open("w") as f:
-        for q in qs:
-            f.write(json.dumps({"image": Path(q.image).name, "question": q.question, "answers": [q.answer]}) + "\n")
-        for image_id, (colour, shape) in sorted(labels.items()):  # an empty question = a caption record
-            name = paths[image_id].name
-            f.write(json.dumps({"image": name, "question": "", "answers": [easy_vqa.caption_text(colour, shape)]}) + "\n")
+        for name, colour, shape, qas in images:
+            for question, answer in qas:
+                f.write(json.dumps({"image": name, "question": question, "answers": [answer]}) + "\n")
+            # An empty question = a caption record.
+            caption = easy_vqa.caption_text(colour, shape)
+            f.write(json.dumps({"image": name, "question": "", "answers": [caption]}) + "\n")
             for record in chat_records(name, colour, shape, rng):
                 f.write(json.dumps(record) + "\n")
-    return {"captions": captions, "stage2": stage2, "images": paths[next(iter(paths))].parent}
+    return {"captions": captions, "stage2": stage2, "images": root}
+
+
+def _cache_covers(cache: Path, captions: Path) -> bool:
+    """Whether the feature cache at `cache` is finished and holds every image `captions` names."""
+    index = cache / "index.json"
+    if not index.is_file():
+        return False
+    keys = set(json.loads(index.read_text())["keys"])
+    lines = captions.read_text().splitlines()
+    return all(json.loads(line)["image"] in keys for line in lines if line.strip())
 
 
 def export(stage2_final: Path, target: Path = PACKAGE_DEFAULT) -> Path:
@@ -107,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["data", "cache", "stage1", "stage2", "refit", "export"], default=None,
                         help="run one step of the pipeline (the earlier ones' outputs must exist)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for the feature cache and every stage")
+    parser.add_argument("--views", type=int, default=VIEWS,
+                        help=f"augmented views per easy-VQA image (default {VIEWS})")
+    parser.add_argument("--rendered", type=int, default=RENDERED,
+                        help=f"images of our own renderer added to the training data (default {RENDERED})")
+    parser.add_argument("--limit-images", type=int, default=None, metavar="N",
+                        help="only the first N easy-VQA train images (a quick trial of the pipeline)")
     for stage in ("stage1", "stage2", "refit"):
         parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"config overrides for {stage} (e.g. batch_size=64 lr=2e-4)")
@@ -116,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     resume = ["--resume"] if args.resume else []
-    files = write_data(work)
+    files = write_data(work, args.views, args.rendered, args.limit_images)
     cache = work / "features-train"
-    if args.only in (None, "cache") and not (cache / "index.json").exists():
+    if args.only in (None, "cache") and not _cache_covers(cache, files["captions"]):
         code = run_recipe("cache-features", ["--model", "preset:default", "--data", str(files["captions"]),
                                              "--image-root", str(files["images"]), "--out", str(cache),
                                              "--device", args.device, "--batch-size", "128"])
