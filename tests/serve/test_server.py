@@ -312,3 +312,47 @@ def test_no_request_produced_a_500(server):
     text = httpx.get(server.url + "/metrics").text
     assert 'status="500"' not in text
     assert "blip2_queue_depth" in text and "blip2_request_latency_seconds_bucket" in text
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_every_llm_kind_serves_chat_and_streams(tmp_path, kind):
+    import blip2
+
+    tm.save_generation_model(tmp_path / kind, kind)
+    lib = blip2.load(str(tmp_path / kind), device="cpu")
+    srv = Server(tmp_path / kind)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        messages = [user(data_url(IMAGES[5]), "what is this?")]
+        whole = client.chat.completions.create(messages=messages, model=_model(client), max_tokens=8)
+        assert whole.choices[0].message.content == lib.ask(IMAGES[5], "what is this?", **GREEDY)[0]
+        chunks = client.chat.completions.create(messages=messages, model=_model(client), max_tokens=8, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/v1/itm", files={"image": ("a.png", _png(IMAGES[5]), "image/png")},
+                       data={"texts": ["a cat", "a dog"]})
+            assert r.status_code == 400 and "matching heads" in r.json()["error"]["message"]
+            r = c.post("/v1/embeddings", json={"input": "a cat"})
+            assert r.status_code == 400
+    finally:
+        assert srv.stop() == 0
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_multipart_itm_and_ask(server, library):
+    with http(server) as c:
+        r = c.post("/v1/itm", files={"image": ("a.png", _png(IMAGES[1]), "image/png")},
+                   data={"texts": ["a red circle", "a dog"]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose([x["match"] for x in r.json()["results"]],
+                                   library.itm(IMAGES[1], ["a red circle", "a dog"]), atol=1e-5)
+        r = c.post("/v1/ask", files={"image": ("a.png", _png(IMAGES[1]), "image/png")},
+                   data={"questions": ["what is this?"], **{k: str(v) for k, v in GREEDY.items()}})
+        assert r.json()["answers"] == library.ask(IMAGES[1], ["what is this?"], **GREEDY)
+        r = c.post("/v1/itm", files={"image": ("a.png", b"\x00" * 10, "image/png")}, data={"texts": ["x"]})
+        assert r.status_code == 400
