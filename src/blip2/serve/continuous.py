@@ -1,0 +1,261 @@
+"""Continuous batching for decoder-only LLMs (DESIGN §4 "Serving"): requests join the running batch between
+decode steps and leave the step they finish, as in vLLM, instead of waiting for a whole `generate` to end.
+
+What it promises. Greedy rows: the tokens of a request equal `lm.generate(inputs_embeds=embeds[None], **settings)`
+for that request alone (what `CausalLanguageModel.generate` runs), whatever its batch mates and whenever it joins:
+the same generation config (the model's, updated by `settings`), the same logits processors (built by
+transformers' own `_get_logits_processor`), the same stopping criteria, the same positions. Equality holds up to
+float rounding: a row in a left-padded batch runs matmuls of other shapes than the row alone, and masked columns add
+exact zeros, so logits differ by ~1e-7 and an argmax flips only on a near-tie (tested on tiny random OPT and
+Llama; the library's left-padded `caption`/`ask` batches rely on the same fact). Sampling rows with a `seed` draw
+from their own `torch.Generator`: the tokens equal `torch.manual_seed(seed); lm.generate(...)` alone (what the
+engine runs for a seeded job) and do not depend on batch mates. Unseeded sampling rows draw from the global RNG.
+
+What stays on `generate`: encoder-decoder LLMs (T5: the decoder cache also holds cross-attention over each row's
+encoder output), beam search and `num_return_sequences > 1`, and models whose cache is not plain full attention
+(sliding-window or linear-attention layers: a left-padded column would shift their window).
+
+How. One `DynamicCache` holds every active row, LEFT-padded to the longest row, with an explicit (B, L) attention
+mask and explicit position ids (each row counts only its own real tokens, so padding never shifts a position). A
+new request is prefilled alone (exactly generate's prefill: no mask, positions 0..T-1), then its cache is
+left-padded or the batch's is, and the two are concatenated along the batch axis. A finished row is dropped at
+once, and columns that became padding in every row are trimmed, so the cache is as long as the longest live row.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+from transformers.generation import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.configuration_utils import GenerationMode
+
+
+@dataclass
+class _Row:
+    """One request: its own processors and stopping criteria, as `generate` would build them for it alone."""
+
+    key: Hashable
+    processors: LogitsProcessorList
+    stopping: StoppingCriteriaList
+    do_sample: bool
+    generator: torch.Generator | None  # None: greedy, or sampling from the global RNG
+    embeds: torch.Tensor | None  # (T, H) until prefilled
+    tokens: list[int] = field(default_factory=list)
+
+
+class ContinuousDecoder:
+    """Drives greedy/sampling decode steps of one decoder-only LM over a batch whose rows come and go.
+
+    `add` queues a request; each `step` runs one decode step for the running rows, then prefills queued requests
+    while there is room (`max_batch` rows), and returns one `(key, token, finished)` per row that produced a
+    token. A finished row (EOS, which is returned, or its length limit) leaves the batch in that step.
+    """
+
+    def __init__(self, lm: PreTrainedModel, max_batch: int, eos_token_ids: set[int] | None = None):
+        """eos_token_ids: None uses the model's generation config, as `generate` does; a set overrides it
+        (`generate(eos_token_id=sorted(ids))` is then the reference)."""
+        if lm.config.is_encoder_decoder:
+            raise ValueError("ContinuousDecoder serves decoder-only LMs; encoder-decoder LMs (T5) stay on generate")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        layers = DynamicCache(config=lm.config).layers
+        if any(type(layer) is not DynamicLayer for layer in layers):
+            raise ValueError(
+                f"{type(lm).__name__} has sliding-window or other non-plain cache layers, which left padding would "
+                "break; use generate"
+            )
+        self.lm = lm
+        self.max_batch = max_batch
+        self._eos = sorted(eos_token_ids) if eos_token_ids is not None else None
+        params = inspect.signature(lm.forward).parameters
+        self._takes_positions = "position_ids" in params
+        self._forward_kw: dict[str, Any] = {"use_cache": True}
+        if "logits_to_keep" in params:  # as generate: only the last position's logits are computed
+            self._forward_kw["logits_to_keep"] = 1
+        self._width = lm.get_input_embeddings().embedding_dim
+        self._waiting: deque[_Row] = deque()
+        self._rows: list[_Row] = []  # the running batch, in cache order
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)  # (B, L): 1 = real token
+        self._positions = torch.zeros(0, dtype=torch.long, device=lm.device)  # (B,): next position id per row
+        self._last = torch.zeros(0, dtype=torch.long, device=lm.device)  # (B,): last token, not yet in the cache
+
+    @property
+    def active(self) -> int:
+        """Rows in the running batch."""
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests added but not yet admitted (the batch was full)."""
+        return len(self._waiting)
+
+    def add(self, key: Hashable, embeds: torch.Tensor, settings: dict[str, Any]) -> None:
+        """Queue a request. embeds (T, H): its [soft prompt; prompt token embeddings], unpadded. settings: what
+        `generate` takes (max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+        repetition_penalty, ...) plus an optional `seed` for sampling. Unsupported settings fail here."""
+        if any(row.key == key for row in (*self._rows, *self._waiting)):
+            raise ValueError(f"a request with key {key!r} is already decoding")
+        if embeds.dim() != 2 or embeds.shape[0] == 0 or embeds.shape[1] != self._width:
+            raise ValueError(f"embeds must be (T >= 1, {self._width}), got {tuple(embeds.shape)}")
+        self._waiting.append(self._plan(key, embeds, settings))
+
+    def cancel(self, key: Hashable) -> None:
+        """Drop a request, queued or running; an unknown (e.g. already finished) key is ignored."""
+        self._waiting = deque(row for row in self._waiting if row.key != key)
+        keep = [i for i, row in enumerate(self._rows) if row.key != key]
+        if len(keep) < len(self._rows):
+            self._select(keep)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Hashable, int, bool]]:
+        """One decode step for the running rows, then prefill of queued requests while there is room."""
+        out: list[tuple[Hashable, int, bool]] = []
+        if self._rows:
+            out += self._decode()
+        while self._waiting and len(self._rows) < self.max_batch:
+            out.append(self._admit(self._waiting.popleft()))
+        return out
+
+    # -- per-request settings, the way generate builds them ------------------------------------------------------
+
+    def _plan(self, key: Hashable, embeds: torch.Tensor, settings: dict[str, Any]) -> _Row:
+        # Private transformers helpers, called in generate's order (transformers 5.x `GenerationMixin.generate`),
+        # so the model's generation config, min_length/min_new_tokens, warpers and their order are generate's own;
+        # tests/serve/test_continuous.py pins the result against generate.
+        lm = self.lm
+        kwargs = dict(settings)
+        seed = kwargs.pop("seed", None)
+        if self._eos is not None:
+            kwargs["eos_token_id"] = self._eos
+        has_default_max_length = kwargs.get("max_length") is None and lm.generation_config.max_length is None
+        has_default_min_length = kwargs.get("min_length") is None and lm.generation_config.min_length is None
+        config, unused = lm._prepare_generation_config(None, **kwargs)
+        if unused:
+            raise ValueError(f"unsupported generation settings for continuous batching: {sorted(unused)}")
+        mode = config.get_generation_mode()
+        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) or config.num_return_sequences != 1:
+            raise ValueError(f"continuous batching runs greedy or sampling with one sequence, not {mode.value}")
+        lm._prepare_special_tokens(config, True, device=lm.device, batch_size=1)
+        inputs = embeds[None]  # (1, T, H): only its shape is read
+        # With inputs_embeds and no input_ids, generate's "input ids" are the new tokens only: length 0 at start,
+        # so max_length counts new tokens and processors see only generated ids (no prompt repetition penalty).
+        config = lm._prepare_generated_length(
+            config, has_default_max_length, has_default_min_length, "inputs_embeds", 0, inputs
+        )
+        # generate drops an all-ones mask before building processors: no per-row padding for repetition_penalty.
+        processors = lm._get_logits_processor(config, input_ids_seq_length=0, device=lm.device, model_kwargs={})
+        stopping = lm._get_stopping_criteria(config, StoppingCriteriaList())
+        do_sample = bool(config.do_sample)
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=lm.device).manual_seed(int(seed))
+        return _Row(key, processors, stopping, do_sample, generator, embeds)
+
+    # -- the batch -------------------------------------------------------------------------------------------------
+
+    def _admit(self, row: _Row) -> tuple[Hashable, int, bool]:
+        """Prefill one request alone, exactly as generate's prefill, then join its cache to the batch."""
+        embeds = row.embeds.to(self.lm.device, self.lm.dtype)[None]  # (1, T, H)
+        row.embeds = None
+        length = embeds.shape[1]
+        cache = DynamicCache(config=self.lm.config)
+        kw = dict(self._forward_kw)
+        if self._takes_positions:
+            kw["position_ids"] = torch.arange(length, device=self.lm.device)[None]  # (1, T)
+        logits = self.lm(inputs_embeds=embeds, cache=cache, **kw).logits[:, -1]  # (1, V)
+        token, finished = self._choose([row], logits)[0]
+        if not finished:
+            self._join(row, cache, length, token)
+        return row.key, token, finished
+
+    def _join(self, row: _Row, cache: DynamicCache, length: int, token: int) -> None:
+        device = self.lm.device
+        mask = torch.ones(1, length, dtype=torch.long, device=device)
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            total = max(self._mask.shape[1], length)
+            for mine, new in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, total), _left_pad(new.keys, total)])  # (B+1, h, L, d)
+                mine.values = torch.cat([_left_pad(mine.values, total), _left_pad(new.values, total)])
+            self._mask = torch.cat([_left_pad(self._mask, total), _left_pad(mask, total)])  # (B+1, L)
+        self._rows.append(row)
+        self._positions = torch.cat([self._positions, self._positions.new_tensor([length])])
+        self._last = torch.cat([self._last, self._last.new_tensor([token])])
+
+    def _decode(self) -> list[tuple[Hashable, int, bool]]:
+        batch = len(self._rows)
+        mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], dim=1)  # (B, L+1)
+        kw = dict(self._forward_kw)
+        if self._takes_positions:
+            kw["position_ids"] = self._positions[:, None]  # (B, 1)
+        logits = self.lm(input_ids=self._last[:, None], attention_mask=mask, cache=self._cache, **kw).logits[:, -1]
+        self._mask, self._positions = mask, self._positions + 1
+        chosen = self._choose(self._rows, logits)
+        out = [(row.key, token, finished) for row, (token, finished) in zip(self._rows, chosen)]
+        self._last = self._last.new_tensor([token for token, _ in chosen])
+        keep = [i for i, (_, finished) in enumerate(chosen) if not finished]
+        if len(keep) < batch:
+            self._select(keep)
+        return out
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, bool]]:
+        """Next token of each row from its logits (B, V), through the row's own processors (generate's order);
+        then its stopping criteria on its own new tokens."""
+        logits = logits.float()  # generate scores in float32 whatever the model's dtype
+        plain = [i for i, row in enumerate(rows) if not row.do_sample and not row.processors]
+        tokens = [0] * len(rows)
+        if plain:  # greedy rows without processors: one argmax, one device sync
+            for i, token in zip(plain, logits[plain].argmax(-1).tolist()):
+                tokens[i] = token
+        for i, row in enumerate(rows):
+            if i in plain:
+                continue
+            ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)  # (1, n) new tokens so far
+            scores = row.processors(ids, logits[i : i + 1])  # (1, V)
+            if row.do_sample:
+                probs = scores.softmax(-1)
+                tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+            else:
+                tokens[i] = int(scores.argmax(-1))
+        out = []
+        for row, token in zip(rows, tokens):
+            row.tokens.append(token)
+            ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
+            out.append((token, bool(row.stopping(ids, None).any())))
+        return out
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only these rows; trim leading columns that are padding in every remaining row."""
+        if not keep:
+            self._rows, self._cache = [], None
+            self._mask = self._mask[:0, :0]
+            self._positions, self._last = self._positions[:0], self._last[:0]
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask, self._positions, self._last = self._mask[index], self._positions[index], self._last[index]
+        self._cache.batch_select_indices(index)
+        start = int(self._mask.any(0).long().argmax())  # first column some row still uses
+        if start > 0:
+            self._mask = self._mask[:, start:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad the sequence axis on the left to `length`: (B, L) masks or (B, h, L, d) keys/values."""
+    missing = length - (x.shape[1] if x.dim() == 2 else x.shape[2])
+    if missing == 0:
+        return x
+    pad = (missing, 0) if x.dim() == 2 else (0, 0, missing, 0)
+    return F.pad(x, pad)
