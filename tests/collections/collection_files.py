@@ -14,8 +14,8 @@ from PIL import Image
 BAD_KINDS = {
     "empty.png": "empty file",
     "text.jpg": "not an image",
-    "truncated.png": "truncated image file",
-    "truncated.jpg": "truncated image file",
+    "truncated-png.png": "truncated image file",
+    "truncated-jpg.jpg": "truncated image file",
     "bomb.png": "decompression bomb",
 }
 
@@ -56,7 +56,7 @@ def write_bad(folder: Path) -> dict[str, Path]:
     paths = {name: folder / name for name in BAD_KINDS}
     paths["empty.png"].write_bytes(b"")
     paths["text.jpg"].write_text("this is a text file, not a JPEG\n")
-    for name, fmt in (("truncated.png", "PNG"), ("truncated.jpg", "JPEG")):
+    for name, fmt in (("truncated-png.png", "PNG"), ("truncated-jpg.jpg", "JPEG")):
         buf = io.BytesIO()
         good_image(99, (64, 64)).save(buf, fmt)
         paths[name].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])

@@ -14,6 +14,9 @@ _EXPORTS = {
     "find_images": "blip2.collections.reader",
     "decode_stream": "blip2.collections.reader",
     "describe_error": "blip2.collections.reader",
+    "label_images": "blip2.collections.label",
+    "LabelReport": "blip2.collections.label",
+    "read_manifest": "blip2.collections.writers",
 }
 
 
