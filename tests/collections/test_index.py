@@ -110,8 +110,10 @@ def test_incremental_add_remove_change_equals_clean_build(model, tmp_path):
     write_images(photos, range(6))
     first = update_index(model, tmp_path / "idx", [photos], workers=0)
     assert first.added == 6
+    written = (tmp_path / "idx" / "vectors.faiss").stat().st_mtime_ns
     again = update_index(model, tmp_path / "idx", [photos], workers=0)
     assert (again.added, again.updated, again.removed, again.unchanged) == (0, 0, 0, 6)
+    assert (tmp_path / "idx" / "vectors.faiss").stat().st_mtime_ns == written  # a no-op writes nothing
 
     write_images(photos, [20, 21])  # new
     (photos / "img01.png").unlink()  # deleted

@@ -282,13 +282,14 @@ def update_index(
     files = [Path(os.path.abspath(p)) for p in find_images(inputs, recursive=recursive, files_from=files_from)]
     model = blip2.model
     dim, q = model.config.image_text_hidden_size, model.num_queries
+    kind_changed = False
     if PhotoIndex.exists(folder):
         index = PhotoIndex.open(folder)
         index.check_model(fingerprint)
         if kind is not None and kind != index.meta["kind"]:
             if kind not in vec.KINDS:
                 raise ValueError(f"unknown index kind {kind!r} (known: {', '.join(vec.KINDS)})")
-            index.meta["kind"] = kind
+            index.meta["kind"], kind_changed = kind, True
             _write_json(index.folder / META, index.meta)
     else:
         index = PhotoIndex.create(folder, fingerprint, dim, q, kind or "auto", model=model_name)
@@ -375,7 +376,8 @@ def update_index(
             if batch:
                 flush(batch)
                 bar.update(len(batch))
-        index.commit(pending, [])
+        if pending or index.repaired or kind_changed:  # a no-op refresh leaves the files as they were
+            index.commit(pending, [])
         report.added = sum(1 for _, row in todo if row.id in is_new and row.status == "ok")
         report.updated = sum(1 for _, row in todo if row.id not in is_new and row.status == "ok")
         report.images = len(index)
