@@ -328,6 +328,10 @@ def test_search_route_payload(model, tmp_path):
         out = search_route_payload(model, index, {"query": TEXT, "k": 2})
         assert out["object"] == "list" and out["index"] == {"images": 4, "kind": "exact"}
         assert [d["path"] for d in out["data"]] == [h.path for h in search(model, index, text=TEXT, k=2)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:  # the server searches from its model worker thread
+            assert pool.submit(search_route_payload, model, index, {"query": TEXT, "k": 2}).result() == out
         by_image = search_route_payload(model, index, {"image": "x"}, load_image=lambda _: picture(2))
         assert by_image["data"][0]["path"].endswith("img02.png")
         for bad in ({}, {"query": TEXT, "image": "x"}, {"query": ""}, {"query": TEXT, "k": 0},

@@ -128,7 +128,9 @@ class PhotoIndex:
         meta = json.loads((folder / META).read_text())
         if meta.get("format") != FORMAT:
             raise IndexMismatchError(f"index {folder} has format {meta.get('format')}, this blip2 reads {FORMAT}")
-        db = sqlite3.connect(folder / TABLE)
+        # check_same_thread=False: a server opens the index once and searches from its model worker thread
+        # (one call at a time); SQLite's own serialized mode keeps the connection safe across threads.
+        db = sqlite3.connect(folder / TABLE, check_same_thread=False)
         db.execute(SCHEMA)
         path = folder / VECTORS
         # A new index starts exact (IVF needs vectors to train on; `commit` converts), or as an empty HNSW graph.
