@@ -1,15 +1,17 @@
 """The model worker: one thread owns the model and runs every forward pass; request handlers (asyncio)
 hand it jobs and await futures.
 
-Batching (DESIGN §4 "Serving"): generation jobs that arrive within `max_wait_s` of each other and share
-their decoding settings run as one batch (up to `max_batch_size`): their images go through the vision
-tower together (cache misses only), then the Q-Former and the LLM's `generate` as one batch. A job's
-tokens do not depend on its batch mates: prompts are left-padded with an attention mask, exactly as
-`Blip2.caption`/`ask` batch a list (tested: every answer equals the same request sent alone). Sampling
-with a `seed` runs alone, so the seed alone decides its tokens.
-
-Jobs that arrive while a batch is decoding wait for the next one (dynamic batching, not vLLM's
-continuous batching: transformers' `generate` cannot admit rows mid-loop).
+Two ways to batch (DESIGN §4 "Serving"), both changing nothing but speed:
+- Continuous batching (greedy and sampled requests to a decoder-only LLM): new requests join the running batch
+  between decode steps and leave the step they finish, as in vLLM (`serve/continuous.py`). Requests that arrive
+  together share one vision-tower and Q-Former pass; each is prefilled alone and decodes in the shared batch, so
+  its tokens equal `generate` on it alone (tested).
+- Whole batches (beam search; encoder-decoder LLMs such as Flan-T5): jobs that arrive within `max_wait_s` of
+  each other and share their decoding settings run as one `generate` batch of up to `max_batch_size`,
+  left-padded with an attention mask exactly as `Blip2.caption`/`ask` batch a list. Sampling with a `seed`
+  runs alone there, so the seed alone decides its tokens.
+Calls (matching, retrieval, embeddings) run between decode steps. Every image's features come from the cache
+when its content hash is there (`serve/cache.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 from blip2.data.text import tokenize_prompts
 from blip2.inference.pipeline import Blip2
 from blip2.serve.cache import FeatureCache
+from blip2.serve.continuous import ContinuousDecoder
 from blip2.serve.metrics import Metrics
 
 log = logging.getLogger("blip2.serve")
@@ -126,8 +129,17 @@ _STOP = object()
 
 class Engine:
     def __init__(self, blip2: Blip2, *, max_batch_size: int = 16, max_wait_s: float = 0.01, max_queue: int = 256,
-                 cache_bytes: int = 512 * 1024**2, metrics: Metrics | None = None):
+                 cache_bytes: int = 512 * 1024**2, metrics: Metrics | None = None, continuous: bool = True):
         self.blip2 = blip2
+        # Greedy and sampled requests to a decoder-only LLM join the running batch between decode steps; beam
+        # search and encoder-decoder LLMs run as whole `generate` batches (see the module docstring).
+        self.decoder: ContinuousDecoder | None = None
+        self._rows: dict[GenerationJob, _RowText] = {}  # jobs decoding in self.decoder
+        if continuous and blip2.tokenizer is not None and hasattr(blip2.model, "language_model"):
+            try:
+                self.decoder = ContinuousDecoder(blip2.model.language_model, max_batch_size)
+            except ValueError as err:  # T5, sliding-window caches: dynamic batching only
+                log.info("continuous batching off: %s", err)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -178,31 +190,39 @@ class Engine:
     # -- the worker ---------------------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            if not self._pending:
-                item = self._queue.get()
+        stop = False
+        while not stop:
+            if not self._pending and not self._rows:
+                item = self._queue.get()  # idle: sleep until work arrives
                 if item is _STOP:
                     break
                 self._pending.append(item)
-            # Bounded wait for batch mates: everything already queued joins at once, newcomers up to max_wait.
-            deadline = time.monotonic() + self.max_wait_s
-            stop = False
-            while True:
-                try:
-                    remaining = deadline - time.monotonic()
-                    item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                self._pending.append(item)
-            self._step()
-            if stop:
-                break
+                # Bounded wait for batch mates: their images, Q-Former passes and prefills are then shared.
+                stop = self._collect(time.monotonic() + self.max_wait_s)
+            else:
+                stop = self._collect(None)  # rows are decoding: take what has arrived, never wait
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - a bug must fail its requests, not kill the worker
+                log.exception("model worker step failed")
+                self._fail_rows(RuntimeError("internal error in the model worker"))
+        error = ShuttingDown("the server shut down before this request finished")
+        self._fail_rows(error)
         for job in self._pending + self._drain():
             self._started(job)
-            job.fail(ShuttingDown("the server shut down before this request ran"))
+            job.fail(error)
+
+    def _collect(self, deadline: float | None) -> bool:
+        """Move queued jobs to pending, waiting for newcomers until `deadline` (None: no wait). True on stop."""
+        while True:
+            try:
+                remaining = 0 if deadline is None else deadline - time.monotonic()
+                item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
+            except queue.Empty:
+                return False
+            if item is _STOP:
+                return True
+            self._pending.append(item)
 
     def _drain(self) -> list[_Job]:
         out = []
@@ -218,20 +238,33 @@ class Engine:
         with self._depth_lock:
             self._depth -= 1
 
+    def _continuous(self, job: _Job) -> bool:
+        return self.decoder is not None and isinstance(job, GenerationJob) and job.settings.get("num_beams", 1) == 1
+
     def _step(self) -> None:
-        """Run the oldest job's batch: every pending job with its key, up to max_batch_size."""
-        first = self._pending[0]
-        if isinstance(first, CallJob):
-            self._pending.pop(0)
-            self._started(first)
-            if first.cancelled.is_set():
+        """Calls first; new continuous jobs join the decoder; the oldest whole-batch group runs when it is first
+        in line; then one decode step for every running row."""
+        calls = [j for j in self._pending if isinstance(j, CallJob)]
+        joining = [j for j in self._pending if self._continuous(j)]
+        self._pending = [j for j in self._pending if j not in calls and j not in joining]
+        for job in calls:
+            self._started(job)
+            if job.cancelled.is_set():
                 self.cancelled += 1
             else:
-                self._call(first)
-            return
-        batch = [j for j in self._pending if isinstance(j, GenerationJob) and j.key == first.key][: self.max_batch_size]
-        taken = set(map(id, batch))
-        self._pending = [j for j in self._pending if id(j) not in taken]
+                self._call(job)
+        if joining:
+            self._join(joining)
+        if self._pending:
+            self._generate_group()
+        if self._rows:
+            self._decode_step()
+
+    def _generate_group(self) -> None:
+        """The oldest pending job's batch: every pending job with its key, up to max_batch_size, via generate."""
+        first = self._pending[0]
+        batch = [j for j in self._pending if j.key == first.key][: self.max_batch_size]
+        self._pending = [j for j in self._pending if j not in batch]
         for job in batch:
             self._started(job)
         self.cancelled += sum(j.cancelled.is_set() for j in batch)
@@ -244,6 +277,62 @@ class Engine:
             job.resolve(job.fn(self))
         except Exception as err:  # noqa: BLE001 - the handler turns it into a response
             job.fail(err)
+
+    # -- continuous batching --------------------------------------------------------------------------------
+    def _join(self, jobs: list[GenerationJob]) -> None:
+        """Soft prompts of the new jobs in one vision + Q-Former pass, then each joins the decoder with its
+        unpadded [soft prompt; prompt] embeddings (the decoder prefills it alone, as generate would)."""
+        for job in jobs:
+            self._started(job)
+        self.cancelled += sum(j.cancelled.is_set() for j in jobs)
+        jobs = [j for j in jobs if not j.cancelled.is_set()]
+        if not jobs:
+            return
+        b = self.blip2
+        try:
+            feats = self.features([job.image for job in jobs])
+            soft = b.soft_prompts(feats, [job.question or "" for job in jobs])  # (B, Q, H)
+            lm = b.model.lm
+            for job, prefix in zip(jobs, soft):
+                ids = b.tokenizer(job.prompt, return_tensors="pt")["input_ids"].to(b.device)  # (1, T)
+                embeds = torch.cat([prefix.to(lm.model.dtype), lm.embed(ids)[0]])  # (Q+T, H)
+                settings = {k: v for k, v in job.settings.items()}
+                if b.tokenizer.pad_token_id is not None:
+                    settings.setdefault("pad_token_id", b.tokenizer.pad_token_id)
+                self.decoder.add(job, embeds, settings)
+                self._rows[job] = _RowText(b, job, ids.shape[1] + b.model.num_queries)
+        except Exception as err:  # noqa: BLE001 - these jobs get the error, the running rows go on
+            log.exception("admitting %d requests failed", len(jobs))
+            for job in jobs:
+                if job in self._rows:
+                    self.decoder.cancel(job)
+                    del self._rows[job]
+                job.fail(err)
+            return
+        self.metrics.batch(len(jobs))
+
+    def _decode_step(self) -> None:
+        for job in [j for j in self._rows if j.cancelled.is_set()]:  # clients that left stop costing compute
+            self.decoder.cancel(job)
+            self.cancelled += 1
+            self._rows.pop(job).finish("cancelled")
+        for job, token, finished in self.decoder.step():
+            row = self._rows.get(job)
+            if row is None:
+                continue
+            stopped = row.push(token)
+            if stopped:
+                self.decoder.cancel(job)  # a stop string: the row leaves now
+            if stopped or finished:
+                del self._rows[job]
+                row.finish("stop" if stopped else None)
+
+    def _fail_rows(self, error: BaseException) -> None:
+        for job in list(self._rows):
+            if self.decoder is not None:
+                self.decoder.cancel(job)
+            job.fail(error)
+        self._rows.clear()
 
     def features(self, images: Sequence[ImageRef]) -> torch.Tensor:
         """(B, N, Dv) for the images, the cache misses encoded in one batch (worker thread only)."""
@@ -270,6 +359,7 @@ class Engine:
                     self.cache.put(key, feats)
         return torch.cat([found[ref.sha256] for ref in images])
 
+    # -- whole-batch generation (beam search, encoder-decoder LLMs) -------------------------------------------
     def _generate(self, batch: list[GenerationJob]) -> None:
         self.metrics.batch(len(batch))
         try:
@@ -292,7 +382,7 @@ class Engine:
         tokens = tokenize_prompts(b.tokenizer, [job.prompt for job in batch], left_pad=not b.is_encoder_decoder)
         prompt_counts = tokens.attention_mask.sum(1).tolist()
         beams = settings.get("num_beams", 1)
-        tracker = _Tracker(b.tokenizer, batch, beams)
+        tracker = _Tracker([_RowText(b, job, n + b.model.num_queries) for job, n in zip(batch, prompt_counts)], beams)
         kwargs: dict[str, Any] = dict(
             input_ids=tokens.input_ids.to(b.device), attention_mask=tokens.attention_mask.to(b.device),
             soft_prompt=soft, stopping_criteria=StoppingCriteriaList([tracker]), **settings,
@@ -305,27 +395,11 @@ class Engine:
             torch.manual_seed(seed)  # the worker owns the global RNG; a seeded job runs alone
         ids = b.model.generate(**kwargs)
         out = []
-        eos = _eos_ids(b)
-        limit = settings.get("max_new_tokens")
         for i, job in enumerate(batch):
-            row = ids[i].tolist()
-            n = next((k + 1 for k, t in enumerate(row) if t in eos), None)
-            hit_eos = n is not None
-            if n is None:  # rows finished by a stop string or a cancel are padded after their last token
-                n = len(row)
-                while n > 0 and row[n - 1] == b.tokenizer.pad_token_id:
-                    n -= 1
-            text = b.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-            text, stopped = _cut_at_stop(text, job.stop)
+            row = tracker.rows[i]
             if job.cancelled.is_set():
-                reason = "cancelled"
                 self.cancelled += 1
-            elif stopped or hit_eos or limit is None or n < limit:
-                reason = "stop"
-            else:
-                reason = "length"
-            tracker.flush(i, text)
-            out.append(Result(text, reason, prompt_counts[i] + b.model.num_queries, n))
+            out.append(row.result(ids[i].tolist(), "cancelled" if job.cancelled.is_set() else None))
         return out
 
 
@@ -342,58 +416,82 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut].rstrip(), True) if cut >= 0 else (text, False)
 
 
+class _RowText:
+    """One job's generated tokens as text: streams what is safe to show (never half a character, never the
+    start of a possible stop string), notices its stop strings, and makes the final `Result`."""
+
+    def __init__(self, blip2: Blip2, job: GenerationJob, prompt_tokens: int):
+        self.tokenizer, self.job, self.prompt_tokens = blip2.tokenizer, job, prompt_tokens
+        self.eos, self.pad = _eos_ids(blip2), blip2.tokenizer.pad_token_id
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def push(self, token: int) -> bool:
+        """Add one token; True when the text has reached a stop string (the row should end)."""
+        if self.stopped:
+            return True
+        self.ids.append(token)
+        job = self.job
+        if job.stream is None and not job.stop:
+            return False  # nothing to stream or watch: decode once at the end
+        text, self.stopped = _cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True).strip(), job.stop)
+        if job.stream is not None and not text.endswith("\ufffd"):  # a byte-level token split mid-character
+            safe = text if self.stopped else text[: len(text) - _stop_prefix_len(text, job.stop)]
+            if safe.startswith(self.sent) and len(safe) > len(self.sent):
+                job.emit(safe[len(self.sent):])
+                self.sent = safe
+        return self.stopped
+
+    def result(self, ids: list[int] | None = None, reason: str | None = None) -> Result:
+        """The final text and counts. `ids`: the row as generate returned it (padded after its end), else the
+        tokens pushed. `reason`: forced ("cancelled"), else stop string / EOS -> "stop", the limit -> "length"."""
+        ids = list(self.ids if ids is None else ids)
+        n = next((k + 1 for k, t in enumerate(ids) if t in self.eos), None)
+        hit_eos = n is not None
+        if n is None:  # rows ended by a stop string or a cancel are padded after their last token
+            n = len(ids)
+            while n > 0 and ids[n - 1] == self.pad:
+                n -= 1
+        text, stopped = _cut_at_stop(self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip(), self.job.stop)
+        limit = self.job.settings.get("max_new_tokens")
+        if reason is None:
+            reason = "stop" if stopped or hit_eos or limit is None or n < limit else "length"
+        if self.job.stream is not None and text.startswith(self.sent) and len(text) > len(self.sent):
+            self.job.emit(text[len(self.sent):])  # whatever the stream held back
+            self.sent = text
+        return Result(text, reason, self.prompt_tokens, n)
+
+    def finish(self, reason: str | None = None) -> None:
+        self.job.resolve(self.result(None, reason))
+
+
 class _Tracker(BaseStreamer, StoppingCriteria):
     """Per-row bookkeeping during one `generate`: streams each row's new text to its job (greedy/sampling),
     and finishes a row early when its job was cancelled or its text reached one of its stop strings."""
 
-    def __init__(self, tokenizer, batch: list[GenerationJob], beams: int):
-        self.tokenizer, self.batch, self.beams = tokenizer, batch, beams
-        self.ids: list[list[int]] = [[] for _ in batch]
-        self.sent = [""] * len(batch)
-        self.done = [False] * len(batch)
+    def __init__(self, rows: list[_RowText], beams: int):
+        self.rows, self.beams = rows, beams
 
     # BaseStreamer: the first put is the prompt (2-D), then one token per row per step (1-D).
     def put(self, value: torch.Tensor) -> None:
-        if value.dim() != 1:
-            return
-        for i, token in enumerate(value.tolist()):
-            if self.done[i]:
-                continue
-            self.ids[i].append(token)
-            job = self.batch[i]
-            if job.stream is None:
-                continue
-            text = self.tokenizer.decode(self.ids[i], skip_special_tokens=True).strip()
-            text, stopped = _cut_at_stop(text, job.stop)
-            # Hold back a trailing partial character (a byte-level token split) and a possible stop prefix.
-            if text.endswith("\ufffd"):
-                continue
-            safe = text if stopped else text[: len(text) - _stop_prefix_len(text, job.stop)]
-            if safe.startswith(self.sent[i]) and len(safe) > len(self.sent[i]):
-                job.emit(safe[len(self.sent[i]):])
-                self.sent[i] = safe
-            if stopped:
-                self.done[i] = True
+        if value.dim() == 1:
+            for row, token in zip(self.rows, value.tolist()):
+                if not (row.stopped or (row.ids and row.ids[-1] in row.eos)):  # finished rows get pads
+                    row.push(token)
 
     def end(self) -> None:
         pass
 
-    def flush(self, i: int, final: str) -> None:
-        """After generate: send whatever the stream has not shown yet of the final text."""
-        job = self.batch[i]
-        if job.stream is not None and final.startswith(self.sent[i]) and len(final) > len(self.sent[i]):
-            job.emit(final[len(self.sent[i]):])
-            self.sent[i] = final
-
     # StoppingCriteria: (rows,) bool, True where a row may stop. Rows are batch * beams under beam search.
+    # It runs before the streamer sees the step's token, so stop strings are looked for in `input_ids`.
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        rows = input_ids.shape[0]
-        flags = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        for i, job in enumerate(self.batch):
-            stop = job.cancelled.is_set()
-            if not stop and job.stop and self.beams == 1:
-                text = self.tokenizer.decode(input_ids[i].tolist(), skip_special_tokens=True)
-                stop = any(s and s in text for s in job.stop)
+        flags = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, row in enumerate(self.rows):
+            stop = row.job.cancelled.is_set()
+            if not stop and row.job.stop and self.beams == 1:
+                text = row.tokenizer.decode(input_ids[i].tolist(), skip_special_tokens=True)
+                stop = any(s and s in text for s in row.job.stop)
             if stop:
                 flags[i * self.beams : (i + 1) * self.beams] = True
         return flags

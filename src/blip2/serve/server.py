@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     bat = p.add_argument_group("batching and caching")
     bat.add_argument("--max-batch-size", type=_positive(int), default=16, metavar="N",
                      help="most requests per shared forward pass; 1 turns batching off (default: %(default)s)")
+    bat.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
+                     help="greedy/sampled requests to a decoder-only LLM join the running batch between decode "
+                          "steps (default: on; beam search and Flan-T5 always run as whole batches)")
     bat.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
                      help="how long the first request of a batch waits for others (default: %(default)s)")
     bat.add_argument("--max-queue", type=_positive(int), default=256, metavar="N",
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace, config, blip2) -> int:
     from blip2.serve.engine import Engine
 
     engine = Engine(blip2, max_batch_size=args.max_batch_size, max_wait_s=max(0.0, args.max_wait_ms) / 1000,
-                    max_queue=args.max_queue, cache_bytes=int(args.image_cache_mb * 1024**2))
+                    max_queue=args.max_queue, cache_bytes=int(args.image_cache_mb * 1024**2),
+                    continuous=args.continuous_batching)
     app: FastAPI = create_app(engine, config)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
