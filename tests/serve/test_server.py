@@ -356,3 +356,28 @@ def test_multipart_itm_and_ask(server, library):
         assert r.json()["answers"] == library.ask(IMAGES[1], ["what is this?"], **GREEDY)
         r = c.post("/v1/itm", files={"image": ("a.png", b"\x00" * 10, "image/png")}, data={"texts": ["x"]})
         assert r.status_code == 400
+
+
+def test_search_route_over_a_photo_index(model_dir, library, tmp_path):
+    from blip2.collections.index import update_index
+    from blip2.collections.search import search
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(IMAGES):
+        image.save(photos / f"{i}.png")
+    update_index(library, tmp_path / "idx", [photos], workers=0, progress=False)
+    expected = search(library, tmp_path / "idx", text="a red circle", k=3)
+    srv = Server(model_dir, "--index", str(tmp_path / "idx"))
+    try:
+        r = httpx.post(srv.url + "/v1/search", json={"query": "a red circle", "k": 3}, timeout=60)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert [d["path"] for d in data] == [h.path for h in expected]
+        np.testing.assert_allclose([d["score"] for d in data], [h.score for h in expected], atol=1e-5)
+        by_image = httpx.post(srv.url + "/v1/search", json={"image": data_url(IMAGES[2]), "k": 1}, timeout=60).json()
+        assert by_image["data"][0]["path"].endswith("2.png")  # an indexed copy of the query comes first
+        r = httpx.post(srv.url + "/v1/search", json={"query": "x", "k": 0}, timeout=60)
+        assert r.status_code == 400 and "'k'" in r.json()["error"]["message"]
+    finally:
+        assert srv.stop() == 0

@@ -50,6 +50,7 @@ class ServerConfig:
     max_prompt_tokens: int | None = None  # None: the LLM's context
     max_new_tokens_limit: int = 256
     max_beams: int = 8
+    index_path: str | None = None  # a photo index (`blip2 index`) served at /v1/search
 
 
 class ApiError(Exception):
@@ -93,6 +94,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         finally:
             # uvicorn has already let the requests in flight finish (or time out); fail what is still queued.
             await asyncio.to_thread(engine.stop)
+
+    photo_index = None
+    if config.index_path is not None:
+        from blip2.collections.index import PhotoIndex, model_fingerprint
+
+        photo_index = PhotoIndex.open(config.index_path)
+        photo_index.check_model(model_fingerprint(blip2))  # an index of another model is refused at start
 
     app = FastAPI(title="blip2", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -527,6 +535,29 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             return [{"index": h.index, "match": p, "similarity": h.itc, "score": h.score} for h, p in zip(hits, probs)]
 
         return {"results": await run_call(rank), "model": config.model_name}
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        authorize(request)
+        if photo_index is None:
+            raise ApiError(400, "this server has no photo index: start it with --index INDEX (built by blip2 index)")
+        need_heads("/v1/search")
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        query_image = None
+        if isinstance(body, dict) and isinstance(body.get("image"), str):
+            query_image = (await media(body["image"])).image
+        from blip2.collections.search import search_route_payload
+
+        def run_search(e: Engine) -> dict:
+            return search_route_payload(e.blip2, photo_index, body,
+                                        load_image=(lambda _: query_image) if query_image is not None else None)
+
+        payload = await run_call(run_search)
+        payload["model"] = config.model_name
+        return payload
 
     return app
 

@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="jobs waiting beyond which requests get 503 (default: %(default)s)")
     bat.add_argument("--image-cache-mb", type=float, default=512.0, metavar="MB",
                      help="memory for encoded images, by content hash (default: %(default)s; 0 turns it off)")
+    p.add_argument("--index", default=None, metavar="INDEX",
+                   help="a photo index built by `blip2 index` with this model, searched at POST /v1/search")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients see in /v1/models (default: --model as given)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -74,6 +76,8 @@ def build_config(args: argparse.Namespace):
     from blip2.serve.app import ServerConfig
     from blip2.serve.media import MediaPolicy
 
+    if args.index is not None and not Path(args.index).is_dir():
+        raise ValueError(f"--index {args.index} is not a folder (build one with `blip2 index DIR --out INDEX`)")
     return ServerConfig(
         model_name=args.served_model_name or args.model,
         api_key=args.api_key or os.environ.get("BLIP2_API_KEY") or None,
@@ -88,6 +92,7 @@ def build_config(args: argparse.Namespace):
         request_timeout_s=args.request_timeout,
         max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens_limit=args.max_new_tokens,
+        index_path=args.index,
     )
 
 
