@@ -11,6 +11,8 @@ from blip2.serve.continuous import ContinuousDecoder
 from tiny_models import _randomize, text_config
 
 WIDTH = 32
+# generate's own warnings (default length; penalty on new tokens only), which the decoder repeats on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:Using the model-agnostic default", "ignore:Passing `repetition_penalty`")
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
@@ -66,7 +68,7 @@ def run(decoder: ContinuousDecoder, schedule: dict[int, list[tuple]], cancel: di
 
 
 def test_greedy_tokens_equal_generate_as_requests_join_and_leave(lm):
-    r1, r2, r3, r4 = prompts(5, 9, 3, 7)
+    r1, r2, r3, r4 = prompts(5, 9, 3, 7, seed=21)  # a seed where the story below happens on both models
     # An EOS the model really emits: r3's second greedy token. r3 asks for min_new_tokens past it.
     eos = {reference(lm, r3, dict(max_new_tokens=3, min_new_tokens=3))[1]}
     settings = {
@@ -84,7 +86,9 @@ def test_greedy_tokens_equal_generate_as_requests_join_and_leave(lm):
         # The last token finishes the row: EOS (returned) or the length limit.
         assert tokens[key][-1] in eos or len(tokens[key]) == settings[key]["max_new_tokens"]
         assert not set(tokens[key][:-1]) & eos
-    assert finished["r1"] <= 5 and largest >= 2
+    # The story: r1 runs alone, then with r2, and leaves by length at step 5 as r3 and r4 join; rows leave by EOS.
+    assert len(tokens["r1"]) == 6 and finished["r1"] == 5 and len(tokens["r2"]) >= 5 and largest >= 3
+    assert any(tokens[k][-1] in eos and len(tokens[k]) < settings[k]["max_new_tokens"] for k in ("r2", "r3"))
     # min_new_tokens mattered: without it r3 stops at that EOS after two tokens.
     assert len(reference(lm, r3, dict(max_new_tokens=12), eos)) <= 2 < 5 <= len(tokens["r3"])
 
@@ -107,12 +111,14 @@ def test_logits_processors_match_generate(lm):
     tokens, _, _ = run(ContinuousDecoder(lm, max_batch=4), schedule)
     for i in range(3):
         assert tokens[i] == reference(lm, reqs[i], settings[i])
+    assert tokens[0] != reference(lm, reqs[0], dict(max_new_tokens=10))  # the penalty changed the tokens
 
 
 def test_seeded_sampling_equals_generate_alone_whatever_the_batch(lm):
     a, b, c = prompts(5, 7, 4, seed=3)
     sampled = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=7)
     expected = reference(lm, a, sampled)
+    assert expected != reference(lm, a, dict(max_new_tokens=10))  # it really sampled
     alone, _, _ = run(ContinuousDecoder(lm, max_batch=4), {0: [("s", a, sampled)]})
     mates = {0: [("g", b, dict(max_new_tokens=12))],
              2: [("s", a, sampled), ("t", c, dict(max_new_tokens=10, do_sample=True, seed=3))]}
@@ -160,6 +166,8 @@ def test_refuses_what_stays_on_generate(lm):
     (e,) = prompts(3)
     with pytest.raises(ValueError, match="greedy or sampling"):
         decoder.add("beam", e, dict(num_beams=2))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoder.add("empty", e, dict(max_new_tokens=0))
     with pytest.raises(ValueError, match="unsupported"):
         decoder.add("odd", e, dict(not_a_setting=1))
     with pytest.raises(ValueError, match=r"\(T >= 1, 32\)"):

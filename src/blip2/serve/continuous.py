@@ -151,6 +151,7 @@ class ContinuousDecoder:
         config = lm._prepare_generated_length(
             config, has_default_max_length, has_default_min_length, "inputs_embeds", 0, inputs
         )
+        lm._validate_generated_length(config, 0, has_default_max_length)  # generate's length checks and warnings
         # generate drops an all-ones mask before building processors: no per-row padding for repetition_penalty.
         processors = lm._get_logits_processor(config, input_ids_seq_length=0, device=lm.device, model_kwargs={})
         stopping = lm._get_stopping_criteria(config, StoppingCriteriaList())
@@ -217,8 +218,9 @@ class ContinuousDecoder:
         if plain:  # greedy rows without processors: one argmax, one device sync
             for i, token in zip(plain, logits[plain].argmax(-1).tolist()):
                 tokens[i] = token
+        done = set(plain)
         for i, row in enumerate(rows):
-            if i in plain:
+            if i in done:
                 continue
             ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)  # (1, n) new tokens so far
             scores = row.processors(ids, logits[i : i + 1])  # (1, V)
