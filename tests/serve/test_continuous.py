@@ -12,7 +12,9 @@ from tiny_models import _randomize, text_config
 
 WIDTH = 32
 # generate's own warnings (default length; penalty on new tokens only), which the decoder repeats on purpose.
-pytestmark = pytest.mark.filterwarnings("ignore:Using the model-agnostic default", "ignore:Passing `repetition_penalty`")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Using the model-agnostic default", "ignore:Passing `repetition_penalty`"
+)
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
@@ -38,7 +40,8 @@ def reference(lm, embeds: torch.Tensor, settings: dict, eos: set[int] | None = N
     if seed is not None:
         torch.manual_seed(seed)
     mask = torch.ones(1, embeds.shape[0], dtype=torch.long)
-    out = lm.generate(inputs_embeds=embeds[None], attention_mask=mask, pad_token_id=lm.config.pad_token_id, **settings)
+    pad = lm.config.pad_token_id
+    out = lm.generate(inputs_embeds=embeds[None], attention_mask=mask, pad_token_id=pad, **settings)
     return out[0].tolist()
 
 
@@ -86,7 +89,8 @@ def test_greedy_tokens_equal_generate_as_requests_join_and_leave(lm):
         # The last token finishes the row: EOS (returned) or the length limit.
         assert tokens[key][-1] in eos or len(tokens[key]) == settings[key]["max_new_tokens"]
         assert not set(tokens[key][:-1]) & eos
-    # The story: r1 runs alone, then with r2, and leaves by length at step 5 as r3 and r4 join; rows leave by EOS.
+    # The story: r1 runs alone, then with r2, and leaves by length at step 5 as r3 and r4 join; rows also
+    # leave by EOS.
     assert len(tokens["r1"]) == 6 and finished["r1"] == 5 and len(tokens["r2"]) >= 5 and largest >= 3
     assert any(tokens[k][-1] in eos and len(tokens[k]) < settings[k]["max_new_tokens"] for k in ("r2", "r3"))
     # min_new_tokens mattered: without it r3 stops at that EOS after two tokens.
@@ -103,11 +107,12 @@ def test_model_eos_and_default_length(lm):
 
 
 def test_logits_processors_match_generate(lm):
-    """Greedy with a repetition penalty (on new tokens only, as generate with inputs_embeds) next to plain rows."""
+    """Greedy with a repetition penalty (on new tokens only, as generate with inputs_embeds) next to plain
+    rows."""
     reqs = prompts(6, 3, 8, seed=2)
     settings = [dict(max_new_tokens=10, repetition_penalty=1.5), dict(max_new_tokens=8),
                 dict(max_new_tokens=9, repetition_penalty=1.3, min_new_tokens=4)]
-    schedule = {0: [(0, reqs[0], settings[0])], 1: [(1, reqs[1], settings[1])], 4: [(2, reqs[2], settings[2])]}
+    schedule = {step: [(i, reqs[i], settings[i])] for i, step in enumerate((0, 1, 4))}
     tokens, _, _ = run(ContinuousDecoder(lm, max_batch=4), schedule)
     for i in range(3):
         assert tokens[i] == reference(lm, reqs[i], settings[i])

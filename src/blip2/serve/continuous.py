@@ -1,25 +1,29 @@
 """Continuous batching for decoder-only LLMs (DESIGN §4 "Serving"): requests join the running batch between
 decode steps and leave the step they finish, as in vLLM, instead of waiting for a whole `generate` to end.
 
-What it promises. Greedy rows: the tokens of a request equal `lm.generate(inputs_embeds=embeds[None], **settings)`
-for that request alone (what `CausalLanguageModel.generate` runs), whatever its batch mates and whenever it joins:
-the same generation config (the model's, updated by `settings`), the same logits processors (built by
-transformers' own `_get_logits_processor`), the same stopping criteria, the same positions. Equality holds up to
-float rounding: a row in a left-padded batch runs matmuls of other shapes than the row alone, and masked columns add
-exact zeros, so logits differ by ~1e-7 and an argmax flips only on a near-tie (tested on tiny random OPT and
-Llama; the library's left-padded `caption`/`ask` batches rely on the same fact). Sampling rows with a `seed` draw
-from their own `torch.Generator`: the tokens equal `torch.manual_seed(seed); lm.generate(...)` alone (what the
-engine runs for a seeded job) and do not depend on batch mates. Unseeded sampling rows draw from the global RNG.
+What it promises. Greedy rows: the tokens of a request equal `lm.generate(inputs_embeds=embeds[None],
+**settings)` for that request alone (what `CausalLanguageModel.generate` runs), whatever its batch mates and
+whenever it joins: the same generation config (the model's, updated by `settings`), the same logits processors
+(built by transformers' own `_get_logits_processor`), the same stopping criteria, the same positions. Equality
+holds up to float rounding: a row in a left-padded batch runs matmuls of other shapes than the row alone, and
+masked columns add exact zeros, so logits differ in the last bits and an argmax flips only on a near-tie
+(tested on tiny random OPT and Llama; the library's left-padded `caption`/`ask` batches rely on the same
+fact). Sampling rows with a `seed` draw from their own `torch.Generator`: the tokens equal
+`torch.manual_seed(seed); lm.generate(...)` alone (what the engine runs for a seeded job; tested on CPU) and
+do not depend on batch mates. Unseeded sampling rows draw from the global RNG, so their draws depend on who
+else drew.
 
-What stays on `generate`: encoder-decoder LLMs (T5: the decoder cache also holds cross-attention over each row's
-encoder output), beam search and `num_return_sequences > 1`, and models whose cache is not plain full attention
-(sliding-window or linear-attention layers: a left-padded column would shift their window).
+What stays on `generate`: encoder-decoder LLMs (T5: the decoder cache also holds cross-attention over each
+row's encoder output), beam search and `num_return_sequences > 1`, and models whose cache is not plain full
+attention (sliding-window or linear-attention layers: a left-padded column would shift their window).
 
-How. One `DynamicCache` holds every active row, LEFT-padded to the longest row, with an explicit (B, L) attention
-mask and explicit position ids (each row counts only its own real tokens, so padding never shifts a position). A
-new request is prefilled alone (exactly generate's prefill: no mask, positions 0..T-1), then its cache is
-left-padded or the batch's is, and the two are concatenated along the batch axis. A finished row is dropped at
-once, and columns that became padding in every row are trimmed, so the cache is as long as the longest live row.
+How. One `DynamicCache` holds every active row, LEFT-padded to the longest row, with an explicit (B, L)
+attention mask and explicit position ids (each row counts only its own real tokens, so padding never shifts a
+position). A new request is prefilled alone (exactly generate's prefill: no mask, positions 0..T-1), then its
+cache is left-padded or the batch's is, and the two are concatenated along the batch axis. A finished row is
+dropped at once, and columns that became padding in every row are trimmed, so the cache is as long as the
+longest live row. Costs: prefill runs one request at a time (exactness over prefill throughput), and a join or
+leave copies the batch cache once.
 """
 
 from __future__ import annotations
@@ -54,23 +58,26 @@ class _Row:
 class ContinuousDecoder:
     """Drives greedy/sampling decode steps of one decoder-only LM over a batch whose rows come and go.
 
-    `add` queues a request; each `step` runs one decode step for the running rows, then prefills queued requests
-    while there is room (`max_batch` rows), and returns one `(key, token, finished)` per row that produced a
-    token. A finished row (EOS, which is returned, or its length limit) leaves the batch in that step.
+    `add` queues a request; each `step` runs one decode step for the running rows, then prefills queued
+    requests while there is room (`max_batch` rows), and returns one `(key, token, finished)` per row that
+    produced a token. A finished row (EOS, which is returned, or its length limit) leaves the batch in that
+    step. Not thread-safe: one thread (the model worker) owns it.
     """
 
     def __init__(self, lm: PreTrainedModel, max_batch: int, eos_token_ids: set[int] | None = None):
         """eos_token_ids: None uses the model's generation config, as `generate` does; a set overrides it
         (`generate(eos_token_id=sorted(ids))` is then the reference)."""
         if lm.config.is_encoder_decoder:
-            raise ValueError("ContinuousDecoder serves decoder-only LMs; encoder-decoder LMs (T5) stay on generate")
+            raise ValueError(
+                "ContinuousDecoder serves decoder-only LMs; encoder-decoder LMs (T5) stay on generate"
+            )
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         layers = DynamicCache(config=lm.config).layers
         if any(type(layer) is not DynamicLayer for layer in layers):
             raise ValueError(
-                f"{type(lm).__name__} has sliding-window or other non-plain cache layers, which left padding would "
-                "break; use generate"
+                f"{type(lm).__name__} has sliding-window or other non-plain cache layers, which left padding "
+                "would break; use generate"
             )
         self.lm = lm
         self.max_batch = max_batch
@@ -86,7 +93,8 @@ class ContinuousDecoder:
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=lm.device)  # (B, L): 1 = real token
         self._positions = torch.zeros(0, dtype=torch.long, device=lm.device)  # (B,): next position id per row
-        self._last = torch.zeros(0, dtype=torch.long, device=lm.device)  # (B,): last token, not yet in the cache
+        # (B,): each row's last token, not yet in the cache
+        self._last = torch.zeros(0, dtype=torch.long, device=lm.device)
 
     @property
     def active(self) -> int:
@@ -99,8 +107,8 @@ class ContinuousDecoder:
         return len(self._waiting)
 
     def add(self, key: Hashable, embeds: torch.Tensor, settings: dict[str, Any]) -> None:
-        """Queue a request. embeds (T, H): its [soft prompt; prompt token embeddings], unpadded. settings: what
-        `generate` takes (max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+        """Queue a request. embeds (T, H): its [soft prompt; prompt token embeddings], unpadded. settings:
+        what `generate` takes (max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, ...) plus an optional `seed` for sampling. Unsupported settings fail here."""
         if any(row.key == key for row in (*self._rows, *self._waiting)):
             raise ValueError(f"a request with key {key!r} is already decoding")
@@ -125,12 +133,12 @@ class ContinuousDecoder:
             out.append(self._admit(self._waiting.popleft()))
         return out
 
-    # -- per-request settings, the way generate builds them ------------------------------------------------------
+    # -- per-request settings, the way generate builds them ----------------------------------------------
 
     def _plan(self, key: Hashable, embeds: torch.Tensor, settings: dict[str, Any]) -> _Row:
-        # Private transformers helpers, called in generate's order (transformers 5.x `GenerationMixin.generate`),
-        # so the model's generation config, min_length/min_new_tokens, warpers and their order are generate's own;
-        # tests/serve/test_continuous.py pins the result against generate.
+        # Private transformers helpers, called in generate's order (transformers 5.x
+        # `GenerationMixin.generate`), so the model's generation config, min_length/min_new_tokens, warpers
+        # and their order are generate's own; tests/serve/test_continuous.py pins the result against generate.
         lm = self.lm
         kwargs = dict(settings)
         seed = kwargs.pop("seed", None)
@@ -142,18 +150,24 @@ class ContinuousDecoder:
         if unused:
             raise ValueError(f"unsupported generation settings for continuous batching: {sorted(unused)}")
         mode = config.get_generation_mode()
-        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) or config.num_return_sequences != 1:
-            raise ValueError(f"continuous batching runs greedy or sampling with one sequence, not {mode.value}")
+        one_sequence = config.num_return_sequences in (None, 1)
+        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) or not one_sequence:
+            raise ValueError(
+                "continuous batching runs greedy or sampling with one sequence per request (got "
+                f"{mode.value}, num_return_sequences={config.num_return_sequences}); use generate"
+            )
         lm._prepare_special_tokens(config, True, device=lm.device, batch_size=1)
         inputs = embeds[None]  # (1, T, H): only its shape is read
-        # With inputs_embeds and no input_ids, generate's "input ids" are the new tokens only: length 0 at start,
-        # so max_length counts new tokens and processors see only generated ids (no prompt repetition penalty).
+        # With inputs_embeds and no input_ids, generate's "input ids" are the new tokens only (length 0 at
+        # start), so max_length counts new tokens and processors see only generated ids (no prompt penalty).
         config = lm._prepare_generated_length(
             config, has_default_max_length, has_default_min_length, "inputs_embeds", 0, inputs
         )
-        lm._validate_generated_length(config, 0, has_default_max_length)  # generate's length checks and warnings
-        # generate drops an all-ones mask before building processors: no per-row padding for repetition_penalty.
-        processors = lm._get_logits_processor(config, input_ids_seq_length=0, device=lm.device, model_kwargs={})
+        lm._validate_generated_length(config, 0, has_default_max_length)  # generate's checks and warnings
+        # generate drops an all-ones mask before building processors: no padding for repetition_penalty.
+        processors = lm._get_logits_processor(
+            config, input_ids_seq_length=0, device=lm.device, model_kwargs={}
+        )
         stopping = lm._get_stopping_criteria(config, StoppingCriteriaList())
         do_sample = bool(config.do_sample)
         generator = None
@@ -161,7 +175,7 @@ class ContinuousDecoder:
             generator = torch.Generator(device=lm.device).manual_seed(int(seed))
         return _Row(key, processors, stopping, do_sample, generator, embeds)
 
-    # -- the batch -------------------------------------------------------------------------------------------------
+    # -- the batch -----------------------------------------------------------------------------------------
 
     def _admit(self, row: _Row) -> tuple[Hashable, int, bool]:
         """Prefill one request alone, exactly as generate's prefill, then join its cache to the batch."""
@@ -185,8 +199,9 @@ class ContinuousDecoder:
             self._cache, self._mask = cache, mask
         else:
             total = max(self._mask.shape[1], length)
+            # keys/values (B, h, L, d) + (1, h, T, d) -> (B+1, h, max(L, T), d)
             for mine, new in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, total), _left_pad(new.keys, total)])  # (B+1, h, L, d)
+                mine.keys = torch.cat([_left_pad(mine.keys, total), _left_pad(new.keys, total)])
                 mine.values = torch.cat([_left_pad(mine.values, total), _left_pad(new.values, total)])
             self._mask = torch.cat([_left_pad(self._mask, total), _left_pad(mask, total)])  # (B+1, L)
         self._rows.append(row)
@@ -199,7 +214,8 @@ class ContinuousDecoder:
         kw = dict(self._forward_kw)
         if self._takes_positions:
             kw["position_ids"] = self._positions[:, None]  # (B, 1)
-        logits = self.lm(input_ids=self._last[:, None], attention_mask=mask, cache=self._cache, **kw).logits[:, -1]
+        out = self.lm(input_ids=self._last[:, None], attention_mask=mask, cache=self._cache, **kw)
+        logits = out.logits[:, -1]  # (B, V)
         self._mask, self._positions = mask, self._positions + 1
         chosen = self._choose(self._rows, logits)
         out = [(row.key, token, finished) for row, (token, finished) in zip(self._rows, chosen)]
@@ -222,7 +238,7 @@ class ContinuousDecoder:
         for i, row in enumerate(rows):
             if i in done:
                 continue
-            ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)  # (1, n) new tokens so far
+            ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)  # (1, n): new tokens
             scores = row.processors(ids, logits[i : i + 1])  # (1, V)
             if row.do_sample:
                 probs = scores.softmax(-1)
