@@ -1,5 +1,5 @@
-"""Bulk work over folders of images: labeling with sidecar files or a manifest (resumable), and the readers
-under it. `from blip2.collections import find_images, decode_stream, label_images`.
+"""Bulk work over folders of images: labeling with sidecar files or a manifest (resumable), the photo index and
+its search, and the readers under them. `from blip2.collections import label_images, update_index, search`.
 
 Names load on first use: `blip2 --help` imports the command modules here, which must not pull in torch.
 """
@@ -17,6 +17,12 @@ _EXPORTS = {
     "label_images": "blip2.collections.label",
     "LabelReport": "blip2.collections.label",
     "read_manifest": "blip2.collections.writers",
+    "PhotoIndex": "blip2.collections.index",
+    "update_index": "blip2.collections.index",
+    "model_fingerprint": "blip2.collections.index",
+    "IndexMismatchError": "blip2.collections.index",
+    "search": "blip2.collections.search",
+    "Hit": "blip2.collections.search",
 }
 
 
