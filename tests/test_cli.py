@@ -211,11 +211,14 @@ def test_retrieve_from_a_directory(files, capsys):
     for text in ("a red circle", "a dog"):
         scores = [r["score"] for r in rows if r["text"] == text]
         assert scores == sorted(scores, reverse=True)
+    assert all(0.0 <= r["itm"] <= 1.0 and -1.0 <= r["itc"] <= 1.0 for r in rows)
 
     images = [str(files["img"]), str(files["img1"])]
     code, out, _ = run(capsys, "retrieve", "a cat", "--images", *images, "-m", files["itm"])
     assert code == 0
-    assert sorted(line.split()[-1] for line in out.splitlines()) == sorted(images)
+    lines = out.splitlines()
+    assert sorted(line.split(": match ")[0] for line in lines) == sorted(images)
+    assert all(" similarity " in line for line in lines)  # the ITM probability and ITC cosine, as `itm` shows
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -294,3 +297,129 @@ def test_entry_point_errors_without_traceback(files, which):
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == cli.EXIT_ERROR
     assert_clean_error(done.returncode, done.stderr, str(image))
+
+
+# ------------------------------------------------------------------------------- only results on success
+
+
+def _bpe_tokenizer():
+    """A character-level BPE tokenizer whose config asks for `clean_up_tokenization_spaces`, as SmolLM2's does
+    (transformers 5 warns about that on decode)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: </s>=2 is BOS and EOS
+    vocab = {t: i for i, t in enumerate(specials + ["▁"] + list("abcdefghijklmnopqrstuvwxyz?.,:"))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Metaspace()
+    bpe.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="</s>", eos_token="</s>",
+                                   pad_token="<pad>", clean_up_tokenization_spaces=True)
+
+
+@pytest.fixture(scope="module")
+def like_default(tmp_path_factory) -> dict[str, Path]:
+    """Tiny files that take the default model's noisy paths: the model's LLM is a reference to a folder (loaded
+    by transformers' from_pretrained, which draws a "Loading weights" bar), its tokenizer is BPE, it has the
+    stage-1 heads too; plus a LAVIS .pth for `convert` and a VQA file for `eval`."""
+    import dataclasses
+
+    import torch
+
+    from blip2.convert.checkpoint import init_model, save_model
+    from blip2.convert.lavis import ours_to_lavis
+    from blip2.models.config import LanguageConfig
+
+    root = tmp_path_factory.mktemp("like-default")
+    hf = tm.save_generation_model(root / "hf", "opt")
+    hf.language_model.save_pretrained(root / "llm")
+    cfg = tm.our_config(None)
+    language = LanguageConfig(hf_config=tm.text_config("opt").to_dict(), pretrained=str(root / "llm"))
+    model = init_model(dataclasses.replace(cfg, language=language))
+    save_model(model, root / "model", tokenizer=_bpe_tokenizer(), qformer_tokenizer=tm.word_tokenizer("bert"))
+
+    state = hf.state_dict()  # a released LAVIS stage-2 file: no frozen weights but the ViT's last LayerNorm
+    trainable = {k: v for k, v in state.items() if not k.startswith(("language_model.", "vision_model."))}
+    trainable |= {k: v for k, v in state.items() if k.startswith("vision_model.post_layernorm.")}
+    torch.save({"model": ours_to_lavis(trainable, "blip2_opt", require_frozen=False)}, root / "blip2_opt.pth")
+
+    (root / "images").mkdir()
+    for i, image in enumerate(tm.images(3)):
+        image.save(root / "images" / f"{i}.png")
+    rows = [{"image": f"images/{i}.png", "question": "what color is it ?", "answers": ["red"]} for i in range(2)]
+    (root / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "model": root / "model", "llm": root / "llm", "hf": root / "hf",
+            "pth": root / "blip2_opt.pth", "dir": root / "images", "img": root / "images" / "0.png",
+            "vqa": root / "vqa.jsonl"}
+
+
+def _quiet_env() -> dict[str, str]:
+    """The test run's environment without anything that would choose the libraries' verbosity for them."""
+    chosen = (*cli.QUIET_ENV, "PYTHONWARNINGS")
+    return {**{k: v for k, v in ENV.items() if k not in chosen}, "OMP_NUM_THREADS": "1"}
+
+
+EVERY_COMMAND = {  # argv (formatted with like_default's paths) and stdin
+    "caption": (["caption", "{img}", "-m", "{model}", *FAST], None),
+    "ask": (["ask", "{img}", "what color is it ?", "is it red ?", "-m", "{model}", *FAST], None),
+    "chat": (["chat", "{img}", "-m", "{model}", "--json", *FAST], "what is this ?\nis it red ?\n"),
+    "itm": (["itm", "{img}", "a red circle", "a dog", "-m", "{model}"], None),
+    "retrieve": (["retrieve", "a red circle", "--images", "{dir}", "-k", "2", "-m", "{model}"], None),
+    "eval": (["eval", "vqa", "--data", "{vqa}", "--out", "{root}/eval", "-m", "{model}", *FAST], None),
+    "convert": (["convert", "{pth}", "{root}/converted", "--llm", "{llm}", "--vision", "{hf}",
+                 "--qformer-heads", "4"], None),
+}
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND)
+def test_success_prints_results_and_nothing_on_stderr(like_default, command):
+    argv, stdin = EVERY_COMMAND[command]
+    done = subprocess.run(_blip2_command() + [a.format(**like_default) for a in argv], input=stdin,
+                          capture_output=True, text=True, env=_quiet_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert done.stderr == ""
+
+
+def test_verbose_lets_the_libraries_speak(like_default):
+    argv = ["-v", "caption", str(like_default["img"]), "-m", str(like_default["model"]), *FAST]
+    done = subprocess.run(_blip2_command() + argv, capture_output=True, text=True, env=_quiet_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Loading weights" in done.stderr  # transformers' own bar, as it loads the referenced LLM
+    # Fixed where it starts (blip2.inference.pipeline._load_tokenizer), not only hidden: no warning even here.
+    assert "clean_up_tokenization_spaces" not in done.stderr
+
+
+@pytest.mark.parametrize("argv", [["-v", "caption", "x.png"], ["caption", "x.png", "-v"], ["caption", "x.png"],
+                                  ["-v", "convert", "a", "b"], ["convert", "a", "b", "--verbose"],
+                                  ["eval", "vqa", "--data", "d", "-v"], ["-v", "train", "stage1"]])
+def test_verbose_goes_before_or_after_the_command(argv):
+    assert cli.build_parser().parse_args(argv).verbose == ("-v" in argv or "--verbose" in argv)
+
+
+def test_our_notes_and_warnings_stay_the_libraries_go(files, capsys, monkeypatch):
+    import logging
+    import warnings
+
+    library_logs = []
+
+    def noisy(self, images, prompt=None, **generation):
+        logging.getLogger("blip2.inference").info("a note of ours")
+        library_logs.append(logging.getLogger("some_library").isEnabledFor(logging.WARNING))
+        warnings.warn_explicit("a warning of ours", UserWarning, "pipeline.py", 1, module="blip2.inference.pipeline")
+        warnings.warn_explicit("a library's warning", UserWarning, "utils.py", 1, module="transformers.utils")
+        return ["a caption"] * len(images)
+
+    monkeypatch.setattr(Blip2, "caption", noisy)
+    monkeypatch.setattr(sys, "warnoptions", [])
+    for verbose in ([], ["-v"]):
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            code, out, err = run(capsys, *verbose, "caption", files["img"], "-m", files["opt"])
+        assert code == 0 and out.endswith(": a caption\n")
+        assert err == "blip2: note: a note of ours\n"
+        messages = [str(w.message) for w in shown]
+        assert messages == ["a warning of ours"] + (["a library's warning"] if verbose else [])
+    assert library_logs == [False, True]
+    assert logging.getLogger("blip2").handlers == []  # put back for whoever calls main() next

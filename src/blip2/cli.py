@@ -197,7 +197,6 @@ QUIET_ENV = {
     # directly. Our bars always pass `disable=`, which wins over this default, so they still show.
     "TQDM_DISABLE": "1",
 }
-VERBOSE_ENV = {"TRANSFORMERS_VERBOSITY": "info"}
 # These set up logging themselves (timestamps, log levels): they get no `blip2: note:` handler.
 OWN_LOGGING = ("train", "cache-features", "serve")
 
@@ -212,15 +211,19 @@ class _NoteFormatter(logging.Formatter):
 
 @contextmanager
 def _library_output(verbose: bool, notes: bool) -> Iterator[None]:
-    """While a command runs: the libraries quiet (or, with `verbose`, at INFO with their bars), Python warnings
-    only from our own modules unless the user chose with -W / PYTHONWARNINGS, and with `notes` the `blip2.*`
-    loggers' INFO records on stderr. Everything is put back afterwards, for callers of main() in-process."""
-    env = {k: v for k, v in (VERBOSE_ENV if verbose else QUIET_ENV).items() if k not in os.environ}
+    """While a command runs: the libraries quiet unless `verbose` (then as they are by default: their warnings
+    and progress bars), Python warnings only from our own modules unless `verbose` or the user chose with
+    -W / PYTHONWARNINGS, and with `notes` (for commands that leave logging to us) the `blip2.*` loggers'
+    INFO records on stderr and other loggers at ERROR. Everything is put back afterwards, for callers of main()
+    in-process."""
+    env = {} if verbose else {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
     os.environ.update(env)
-    ours = logging.getLogger("blip2")
-    level = ours.level
+    root, ours = logging.getLogger(), logging.getLogger("blip2")
+    levels = root.level, ours.level
     handler = None
     if notes:
+        if not verbose:
+            root.setLevel(logging.ERROR)  # other libraries' loggers (accelerate, PIL, ...) inherit it
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_NoteFormatter())
         ours.addHandler(handler)
@@ -238,7 +241,8 @@ def _library_output(verbose: bool, notes: bool) -> Iterator[None]:
             os.environ.pop(key, None)
         if handler is not None:
             ours.removeHandler(handler)
-            ours.setLevel(level)
+        root.setLevel(levels[0])
+        ours.setLevel(levels[1])
 
 
 # ------------------------------------------------------------------------------------------- commands

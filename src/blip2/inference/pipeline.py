@@ -437,7 +437,13 @@ def _load_tokenizer(folder: Path):
 
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")):
         return None
-    return AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        # transformers 5 skips the clean-up for BPE tokenizers anyway (it would strip real spaces before
+        # punctuation) and warns when a config still asks for it, as SmolLM2's does: False decodes the same text.
+        tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer
 
 
 def load(

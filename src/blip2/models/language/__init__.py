@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +14,8 @@ from blip2.models.config import LanguageConfig
 from blip2.models.language.base import LanguageModel
 from blip2.models.language.causal import CausalLanguageModel
 from blip2.models.language.seq2seq import Seq2SeqLanguageModel
+
+log = logging.getLogger(__name__)
 
 
 def build_language_model(cfg: LanguageConfig) -> PreTrainedModel:
@@ -48,6 +51,9 @@ def _gguf_cached(folder: str, gguf_file: str, auto) -> PreTrainedModel:
         return auto.from_pretrained(str(cached))
     from transformers import GgufConfig
 
+    # The one slow load (the libraries' own progress bars are off in the CLI): say what is happening and why.
+    log.info("first load of %s: dequantizing it once into %s (later loads take a fraction of a second)",
+             source.name, cached)
     model = auto.from_pretrained(folder, gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     try:
