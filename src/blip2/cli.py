@@ -395,6 +395,18 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
     return run_recipe("cache-features", args.rest)
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from blip2.collections.index_command import run_index
+
+    return run_index(args, lambda: _load(args))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from blip2.collections.index_command import run_search
+
+    return run_search(args, lambda: _load(args))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -530,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cache-features", cmd_cache_features, text, [])
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
                    help="--model M --data FILE|easy-vqa:train --out FOLDER [--format pairs|coco|vqa] (see --help)")
+
+    from blip2.collections.index_command import INDEX_HELP, SEARCH_HELP, add_index_arguments, add_search_arguments
+
+    add_index_arguments(add("index", cmd_index, INDEX_HELP, [model]))
+    add_search_arguments(add("search", cmd_search, SEARCH_HELP, [model]))
 
     text = ("Serve the model over HTTP: OpenAI-compatible /v1/chat/completions, /v1/embeddings and /v1/models, "
             "BLIP-2's /v1/caption, /v1/ask, /v1/itm, /v1/retrieve, a web page at /, /health and /metrics.")
