@@ -28,6 +28,12 @@ def test_loads_offline_from_packages(model):
     assert model.tokenizer is not None and model.qformer_tokenizer is not None
 
 
+def test_a_runaway_prompt_fails_at_once(model, monkeypatch):
+    monkeypatch.setattr(model.model, "generate", lambda *a, **k: pytest.fail("generated past the prompt cap"))
+    with pytest.raises(ValueError, match=r"prompt is 5005 tokens, more than max_prompt_tokens=512"):
+        model.ask("examples/easy-vqa-test-0.png", "what " * 5000)
+
+
 def test_vqa_regression(model):
     """A fixed sample of 300 test questions: >= 97% accuracy (the issue's bar for the full split is 99%)."""
     qs = random.Random(0).sample(easy_vqa.questions("test"), 300)

@@ -451,10 +451,14 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     batch_size: int = 8,
+    max_prompt_tokens: int | None = None,
 ) -> Blip2:
-    """Load a BLIP-2 checkpoint: a local folder, a hub name (Salesforce/blip2-opt-2.7b), or "default"."""
-    from blip2.inference.registry import resolve_name
+    """Load a BLIP-2 checkpoint: a local folder, a hub name (Salesforce/blip2-opt-2.7b), or "default".
+    `max_prompt_tokens`: the prompt cap of every call (None: the LLM's context; the default model: 512)."""
+    from blip2.inference.registry import DEFAULT_MODEL_PROMPT_TOKENS, resolve_name
 
+    if max_prompt_tokens is None and str(name_or_path) == "default":
+        max_prompt_tokens = DEFAULT_MODEL_PROMPT_TOKENS
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
@@ -465,4 +469,4 @@ def load(
         qformer_tokenizer = _load_tokenizer(folder / "qformer_tokenizer")
     elif model.config.language is None:
         tokenizer, qformer_tokenizer = None, tokenizer  # retrieval checkpoints ship the BERT tokenizer
-    return Blip2(model, tokenizer, qformer_tokenizer, batch_size=batch_size)
+    return Blip2(model, tokenizer, qformer_tokenizer, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 # The embedded default model ships inside the package (trainable weights + references to packaged parts).
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "default"
+# Its LLM (SmolLM2) takes 8,192 positions, but the bridge was trained on prompts of a few dozen tokens: a longer
+# prompt only buys minutes of compute and a meaningless answer, so the default model caps prompts here.
+DEFAULT_MODEL_PROMPT_TOKENS = 512
 
 
 def resolve_name(name_or_path: str | os.PathLike) -> str | os.PathLike:
