@@ -357,9 +357,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     model = _load(args)
     results = model.retrieve(args.texts, paths, k=args.k, rerank=args.rerank)
     # The ranking score (ITM logit + ITC cosine, REFERENCE §6) has no unit a reader knows; the ITM probability
-    # of the k shown images does, as in `blip2 itm`. It costs encoding those k images once more.
-    probs = [model.itm([paths[m.index] for m in matches], text) if matches else []
-             for text, matches in zip(args.texts, results)]
+    # does, as in `blip2 itm` (retrieve computes it with the re-ranking).
+    probs = [[m.itm for m in matches] for matches in results]
     if args.json:
         _print_json([
             {"text": text, "rank": rank, "image": paths[m.index], "itm": p, "itc": m.itc, "score": m.score}

@@ -54,8 +54,9 @@ class Match:
     """One retrieval hit: the index of the image in the list searched, and its score."""
 
     index: int
-    score: float
-    itc: float
+    score: float  # the ranking score: ITM positive logit + ITC cosine (REFERENCE §6)
+    itc: float  # ITC cosine, max over queries
+    itm: float | None = None  # ITM match probability (softmax of the head), for re-ranked hits
 
 
 class Blip2:
@@ -342,15 +343,16 @@ class Blip2:
         for t, text in enumerate(texts):
             scores, idx = itc[t].topk(top)
             ids, mask = self._qformer_text([text])
-            itm = torch.cat(
+            logits = torch.cat(
                 [
-                    self.model.itm_logits(feats[chunk], ids.expand(len(chunk), -1), mask.expand(len(chunk), -1))[:, 1]
+                    self.model.itm_logits(feats[chunk], ids.expand(len(chunk), -1), mask.expand(len(chunk), -1))
                     for chunk in idx.split(self.batch_size)
                 ]
-            )
-            final = itm.float() + scores.float()
+            ).float()  # (top, 2)
+            final = logits[:, 1] + scores.float()
+            probs = logits.softmax(-1)[:, 1]
             order = final.argsort(descending=True)[:k]
-            results.append([Match(int(idx[i]), float(final[i]), float(scores[i])) for i in order])
+            results.append([Match(int(idx[i]), float(final[i]), float(scores[i]), float(probs[i])) for i in order])
         return results
 
     @torch.no_grad()

@@ -531,8 +531,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         def rank(e: Engine) -> list[dict]:
             feats = e.features(refs)
             (hits,) = e.blip2.retrieve([text], feats, k=k)
-            probs = _itm_probs(e, feats[[h.index for h in hits]], [text] * len(hits)) if hits else []
-            return [{"index": h.index, "match": p, "similarity": h.itc, "score": h.score} for h, p in zip(hits, probs)]
+            return [{"index": h.index, "match": h.itm, "similarity": h.itc, "score": h.score} for h in hits]
 
         return {"results": await run_call(rank), "model": config.model_name}
 
