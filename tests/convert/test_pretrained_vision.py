@@ -52,3 +52,25 @@ def test_a_vit_that_does_not_fit_is_named(published):
     bad = dataclasses.replace(cfg, vision=VisionConfig(kind="blip2", hf_config=hf, image=cfg.vision.image, pretrained=str(folder)))
     with pytest.raises(CheckpointError, match="does not fit vision.hf_config: missing .*layers.2"):
         init_model(bad)
+
+
+def test_a_hub_download_says_so_and_a_cached_one_is_silent(tmp_path, monkeypatch, caplog):
+    import huggingface_hub
+
+    from blip2.convert.checkpoint import resolve
+
+    calls = []
+
+    def fake(name, allow_patterns=None, local_files_only=False):
+        calls.append(local_files_only)
+        if local_files_only and name == "someone/not-cached":
+            raise FileNotFoundError("not in the cache")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    with caplog.at_level("INFO", logger="blip2.convert"):
+        assert resolve("someone/cached") == tmp_path
+        assert "downloading" not in caplog.text and calls == [True]
+        assert resolve("someone/not-cached") == tmp_path
+    assert calls == [True, True, False]
+    assert "downloading someone/not-cached from the Hugging Face hub" in caplog.text

@@ -9,6 +9,7 @@ needs both, and preprocessor_config.json. Frozen parts that come from a package 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,10 +54,18 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"no checkpoint folder at {name!r} and it is not a hub name like 'Salesforce/blip2-opt-2.7b'")
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "qformer_tokenizer/*"]
     try:
-        folder = snapshot_download(
-            name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "qformer_tokenizer/*"]
-        )
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not (completely) in the cache yet: fetch it below
+        pass
+    # The CLI silences the hub's own progress bars; a multi-GB download must still say what it is doing.
+    logging.getLogger("blip2.convert").info(
+        "downloading %s from the Hugging Face hub into its cache (large checkpoints take minutes; -v shows progress)",
+        name,
+    )
+    try:
+        folder = snapshot_download(name, allow_patterns=patterns)
     except Exception as err:  # offline, unknown repo, no permission: one clear sentence for the user
         raise FileNotFoundError(
             f"could not get {name!r} from the Hugging Face hub or its local cache ({type(err).__name__}); "
