@@ -48,7 +48,7 @@ class LabelReport:
                 f"{self.total} in all; {self.seconds:.1f} s, {self.images_per_second:.2f} images/s -> {self.output}")
 
 
-def _check_ext(ext: str) -> str:
+def check_ext(ext: str) -> str:
     ext = ext if ext.startswith(".") else f".{ext}"
     if ext.lower() in IMAGE_EXTENSIONS or ext in (".", "") or "/" in ext or "\\" in ext:
         raise ValueError(f"--ext {ext!r} cannot name a label file (it would replace images or leave the folder)")
@@ -101,7 +101,7 @@ def label_images(
     if question is not None and prompt is not None:
         raise ValueError("give a question or a caption prompt, not both")
     model._need_llm()
-    writer: SidecarWriter | ManifestWriter = ManifestWriter(Path(out)) if out is not None else SidecarWriter(_check_ext(ext))
+    writer: SidecarWriter | ManifestWriter = ManifestWriter(Path(out)) if out is not None else SidecarWriter(check_ext(ext))
     batch_size = batch_size or model.batch_size
 
     # Settings and prompt are checked before any image is read: a mistake costs nothing.
@@ -176,7 +176,8 @@ def label_images(
 def _fail(report: LabelReport, path: Path, error: str) -> None:
     report.failed += 1
     report.failures.append((str(path), error))
-    log.warning("%s: %s", path, error)
+    with tqdm.external_write_mode():  # above the progress bar, not through it
+        log.warning("%s: %s", path, error)
 
 
 @torch.no_grad()

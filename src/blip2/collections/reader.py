@@ -13,6 +13,8 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -128,6 +130,18 @@ def _decode_chunk(paths: Sequence[Path], cfg: ImageSettings) -> list[tuple[np.nd
     return [_decode_file(p, cfg) for p in paths]
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: a worker whose parent was killed (kill -9 leaves no time to shut the pool down)
+    exits instead of waiting forever for tasks; a daemon thread checks twice a second."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _context() -> multiprocessing.context.BaseContext:
     # fork on Linux, as torch's DataLoader: no re-import of torch per worker (seconds on a busy machine).
     # Workers use PIL and numpy only. Elsewhere spawn, which the top-level task function allows.
@@ -153,6 +167,8 @@ def decode_stream(
     worker dies (a crash in a decoder library) gets that as its error; the pool is rebuilt and the rest go on.
     """
     paths = [Path(p) for p in paths]
+    if not paths:
+        return
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     if workers <= 0:
@@ -188,7 +204,8 @@ class _Pool:
         self.executor = self._new()
 
     def _new(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=_context())
+        return ProcessPoolExecutor(self.workers, mp_context=_context(), initializer=_exit_with_parent,
+                                   initargs=(os.getpid(),))
 
     def submit(self, part: list[Path]) -> tuple[ProcessPoolExecutor, Future]:
         try:
