@@ -21,14 +21,18 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from blip2.collections import vectors as vec
+
+if TYPE_CHECKING:
+    from blip2.collections.reader import Decoded
 
 FORMAT = 1
 META, TABLE, VECTORS = "meta.json", "images.sqlite", "vectors.faiss"
@@ -77,6 +81,30 @@ def embed_pixels(blip2, pixels: torch.Tensor) -> np.ndarray:
     dtype = next(model.vision_model.parameters()).dtype
     feats = model.encode_image(pixels.to(blip2.device, dtype))  # (B, N, Dv)
     return model.image_itc_features(model.query(feats).hidden).float().cpu().numpy()  # (B, Q, E)
+
+
+Embedded = tuple[Path, "np.ndarray | None", "str | None"]  # a file's (path, ITC vectors (Q, E) or None, error)
+
+
+def embed_decoded(blip2, batch: Sequence[Decoded]) -> list[Embedded]:
+    """One batch of decoded files -> (path, vectors (Q, E) float32, None), or (path, None, error) for bad files."""
+    ok = [d for d in batch if d.pixels is not None]
+    feats = iter(embed_pixels(blip2, torch.stack([d.pixels for d in ok])) if ok else ())  # (B, Q, E)
+    return [(d.path, next(feats), None) if d.pixels is not None else (d.path, None, d.error) for d in batch]
+
+
+def embed_files(blip2, files: Sequence[Path], batch_size: int, workers: int | None = None) -> Iterator[list[Embedded]]:
+    """`update_index`'s vectors on one machine: `workers` processes decode ahead, this one embeds."""
+    from blip2.collections.reader import decode_stream
+
+    batch: list[Decoded] = []
+    for item in decode_stream(files, blip2.model.config.vision.image, workers=workers):
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield embed_decoded(blip2, batch)
+            batch = []
+    if batch:
+        yield embed_decoded(blip2, batch)
 
 
 def file_sha256(path: Path) -> str:
@@ -265,6 +293,7 @@ def update_index(
     progress: bool | None = None,
     model_name: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    embed: Callable[[list[Path]], Iterable[list[Embedded]]] | None = None,
 ) -> UpdateReport:
     """Create or refresh the index in `folder` from the images of `inputs` (files and folders).
 
@@ -273,10 +302,13 @@ def update_index(
     index's structure. Commits happen every `commit_every` seconds (at least 10x the time the last commit
     took, so that writing the vectors file stays a small part of the run; 0: after every batch) and at the
     end; a killed run redoes at most the work since its last commit. `on_batch(n_done)` is called after every batch.
+    `embed(files)`: where the vectors come from, batches of (path, vectors (Q, E) or None, error) for `files`
+    in any order (default `embed_files`: decoded in `workers` processes, embedded here; `ray_jobs.index_with_ray`
+    passes a Ray Data pipeline). This process stays the index's only writer either way.
     """
     from tqdm.auto import tqdm
 
-    from blip2.collections.reader import decode_stream, find_images
+    from blip2.collections.reader import find_images
 
     _need_itc(blip2)
     start = time.perf_counter()
@@ -339,34 +371,32 @@ def update_index(
         embed_start, embedded = time.perf_counter(), 0
         by_path = {str(p): row for p, row in todo}
 
-        def flush(batch: list) -> None:
+        def flush(batch: list[Embedded]) -> None:
             nonlocal embedded
-            ok = [(d, by_path[str(d.path)]) for d in batch if d.pixels is not None]
-            for d in batch:
-                row = by_path[str(d.path)]
-                if d.pixels is None:
-                    row.status, row.error = "error", d.error
-                    report.failed.append((row.path, d.error))
+            ok = [(feats, by_path[str(path)]) for path, feats, _ in batch if feats is not None]
+            for path, feats, error in batch:
+                row = by_path[str(path)]
+                if feats is None:
+                    row.status, row.error = "error", error
+                    report.failed.append((row.path, error))
                 pending.append(row)
-            old_ids = [rows[str(d.path)].id for d in batch
-                       if str(d.path) in rows and rows[str(d.path)].status == "ok" and rows[str(d.path)].id not in index.missing]
+            old_ids = [rows[str(p)].id for p, _, _ in batch
+                       if str(p) in rows and rows[str(p)].status == "ok" and rows[str(p)].id not in index.missing]
             index.vectors = vec.remove(index.vectors, old_ids, q)  # a changed image: its new vectors replace these
             if ok:
-                feats = embed_pixels(blip2, torch.stack([d.pixels for d, _ in ok]))
-                vec.add(index.vectors, np.array([row.id for _, row in ok]), feats)
+                vec.add(index.vectors, np.array([row.id for _, row in ok]), np.stack([f for f, _ in ok]))
                 embedded += len(ok)
 
+        if embed is None:
+            def embed(files: list[Path]) -> Iterable[list[Embedded]]:
+                return embed_files(blip2, files, batch_size, workers)
+
         with tqdm(total=len(todo), desc="indexing", unit="img", disable=not show, leave=False) as bar:
-            batch: list = []
             done = 0
-            for item in decode_stream([p for p, _ in todo], model.config.vision.image, workers=workers):
-                batch.append(item)
-                if len(batch) < batch_size:
-                    continue
+            for batch in embed([p for p, _ in todo]) if todo else ():
                 flush(batch)
                 done += len(batch)
                 bar.update(len(batch))
-                batch = []
                 if time.perf_counter() - last_commit >= interval:
                     t0 = time.perf_counter()
                     index.commit(pending, [])
@@ -375,9 +405,6 @@ def update_index(
                     interval = max(commit_every, 10 * (last_commit - t0)) if commit_every > 0 else 0.0
                 if on_batch is not None:
                     on_batch(done)
-            if batch:
-                flush(batch)
-                bar.update(len(batch))
         if pending or index.repaired or kind_changed:  # a no-op refresh leaves the files as they were
             index.commit(pending, [])
         report.added = sum(1 for _, row in todo if row.id in is_new and row.status == "ok")
