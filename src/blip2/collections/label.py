@@ -157,7 +157,7 @@ def label_images(
         bar.set_postfix(failed=report.failed, refresh=False)
 
     cfg = model.model.config.vision.image
-    with tqdm(total=len(todo), desc="labeling", unit="img", disable=not progress, smoothing=0.1) as bar:
+    with tqdm(total=len(todo), desc="labeling", unit="img", disable=not progress or not todo, smoothing=0.1) as bar:
         window: list[Decoded] = []
         ready = 0
         for decoded in decode_stream(todo, cfg, workers=workers, chunk=max(1, min(16, batch_size))):
