@@ -44,8 +44,8 @@ class LabelReport:
         return self.labeled / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (f"{self.labeled} labeled, {self.skipped} skipped (already done), {self.failed} failed, "
-                f"{self.total} in all; {self.seconds:.1f} s, {self.images_per_second:.2f} images/s -> {self.output}")
+        return (f"{self.labeled} labeled, {self.skipped} skipped (already done), {self.failed} failed, {self.total} "
+                f"in all; {self.seconds:.1f} s, {self.images_per_second:.2f} images/s -> {self.output}")
 
 
 def check_ext(ext: str) -> str:
@@ -101,7 +101,8 @@ def label_images(
     if question is not None and prompt is not None:
         raise ValueError("give a question or a caption prompt, not both")
     model._need_llm()
-    writer: SidecarWriter | ManifestWriter = ManifestWriter(Path(out)) if out is not None else SidecarWriter(check_ext(ext))
+    writer: SidecarWriter | ManifestWriter
+    writer = ManifestWriter(Path(out)) if out is not None else SidecarWriter(check_ext(ext))
     batch_size = batch_size or model.batch_size
 
     # Settings and prompt are checked before any image is read: a mistake costs nothing.
@@ -126,7 +127,8 @@ def label_images(
             # photo.jpg and photo.png would share photo.txt: the first one keeps it, the others are errors.
             other = seen.setdefault(writer.sidecar(path), path)
             if other != path:
-                _fail(report, path, f"its sidecar {writer.sidecar(path).name} is {other.name}'s; use --out for these")
+                name = writer.sidecar(path).name
+                _fail(report, path, f"its sidecar {name} is {other.name}'s; use --out for these")
                 continue
         done = writer.done(path) if isinstance(writer, SidecarWriter) else writer.done(path, retry_failed)
         if mode == "skip" and done:

@@ -42,7 +42,7 @@ def _extensions(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", metavar="DIR_OR_FILE",
-                   help="folders (their image files) and image files; files named here are used whatever their suffix")
+                   help="folders (their image files) and image files (used whatever their suffix)")
     src = p.add_argument_group("which images")
     src.add_argument("-r", "--recursive", action="store_true", help="also the images in sub-folders")
     src.add_argument("--extensions", type=_extensions, default=None, metavar="EXT,EXT",
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "listed files that no longer exist are recorded as errors")
     what = p.add_argument_group("what to write")
     ask = what.add_mutually_exclusive_group()
-    ask.add_argument("--question", "-q", default=None, help="answer this question about each image instead of captioning")
+    ask.add_argument("--question", "-q", default=None,
+                     help="answer this question about each image instead of captioning it")
     ask.add_argument("--prompt", default=None, help="text each caption continues, e.g. 'a photo of'")
     what.add_argument("--template", default=None,
                       help="prompt around --question, with {} for it (default: the LLM's, 'Question: {} Answer:')")

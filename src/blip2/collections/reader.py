@@ -73,7 +73,7 @@ def find_images(
     if files_from is not None:
         listing = Path(files_from)
         if not listing.is_file():
-            raise FileNotFoundError(f"--files-from list {listing} does not exist (give a text file, one path a line)")
+            raise FileNotFoundError(f"--files-from list {listing} does not exist (a text file, one path a line)")
         for line in listing.read_text(encoding="utf-8").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -100,7 +100,9 @@ def describe_error(path: Path, err: BaseException) -> str:
     text = " ".join(str(cause).split())
     if isinstance(cause, Image.DecompressionBombError):
         sizes = re.findall(r"\d+", text)
-        return f"decompression bomb ({sizes[0]} pixels, limit {sizes[1]})" if len(sizes) >= 2 else f"decompression bomb ({text})"
+        if len(sizes) >= 2:
+            return f"decompression bomb ({sizes[0]} pixels, limit {sizes[1]})"
+        return f"decompression bomb ({text})"
     if isinstance(cause, UnidentifiedImageError):
         return "not an image (no image format recognises it)"
     if isinstance(cause, (EOFError, SyntaxError)) or "truncat" in text.lower() or "broken data stream" in text:
@@ -146,7 +148,8 @@ def _context() -> multiprocessing.context.BaseContext:
     # fork on Linux, as torch's DataLoader: no re-import of torch per worker (seconds on a busy machine).
     # Workers use PIL and numpy only. Elsewhere spawn, which the top-level task function allows.
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
+    fork = sys.platform.startswith("linux") and "fork" in methods
+    return multiprocessing.get_context("fork" if fork else "spawn")
 
 
 def _to_decoded(path: Path, result: tuple[np.ndarray | None, str | None], cfg: ImageSettings) -> Decoded:

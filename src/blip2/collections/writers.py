@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("path", "task", "prompt", "question", "label", "model", "generation", "status", "error")
+ONE_LINE = ("prompt", "question", "label", "error")  # CSV: whitespace collapsed (paths are kept as they are)
 TEMP_SUFFIX = ".blip2-tmp"
 MANIFEST_FORMATS = (".jsonl", ".csv", ".parquet")
 
@@ -151,7 +152,8 @@ class SidecarWriter:
                 atomic_write(target, row["label"].encode("utf-8"))
                 folders.add(target.parent)
             except OSError as err:
-                failed.append((row, f"cannot write sidecar {target} ({type(err).__name__}: {err.strerror or err})"))
+                why = f"{type(err).__name__}: {err.strerror or err}"
+                failed.append((row, f"cannot write sidecar {target} ({why})"))
         for folder in folders:
             fsync_dir(folder)
         return failed
@@ -215,7 +217,7 @@ class ManifestWriter:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.log} line {number} is not JSON ({err}); fix or move the file") from None
+                    raise ValueError(f"{self.log} line {number} is not JSON ({err}); fix or move it") from None
         return out
 
     def row(self, image: Path) -> dict[str, Any] | None:
@@ -239,7 +241,7 @@ class ManifestWriter:
         for r in rows:
             flat = {**r, "generation": json.dumps(r["generation"], sort_keys=True)}
             # One row, one line: a partial last line is then a partial row, and cutting it is enough.
-            flat = {k: " ".join(str(v).split()) if isinstance(v, str) else v for k, v in flat.items()}
+            flat.update({k: " ".join(flat[k].split()) for k in ONE_LINE if isinstance(flat[k], str)})
             writer.writerow(flat)
         return buf.getvalue().encode("utf-8")
 
