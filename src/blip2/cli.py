@@ -394,6 +394,12 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
     return run_recipe("cache-features", args.rest)
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from blip2.collections.label_command import run
+
+    return run(args, lambda: _load(args))
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from blip2.collections.index_command import run_index
 
@@ -415,6 +421,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from blip2.serve.server import build_config, run
 
     config = build_config(args)  # bad flag values fail here, before the model loads
+    if args.ray_replicas is not None:  # each Ray Serve replica loads the model; this process only deploys
+        from blip2.serve.ray_serve import serve_with_ray
+
+        return serve_with_ray(args, config)
     return run(args, config, _load(args))
 
 
@@ -542,7 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
                    help="--model M --data FILE|easy-vqa:train --out FOLDER [--format pairs|coco|vqa] (see --help)")
 
+    from blip2.collections import label_command
     from blip2.collections.index_command import INDEX_HELP, SEARCH_HELP, add_index_arguments, add_search_arguments
+
+    label_command.add_arguments(add("label", cmd_label, label_command.DESCRIPTION, [model, gen]))
 
     add_index_arguments(add("index", cmd_index, INDEX_HELP, [model]))
     add_search_arguments(add("search", cmd_search, SEARCH_HELP, [model]))

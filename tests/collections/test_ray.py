@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 from pathlib import Path
 
@@ -110,6 +111,32 @@ def data_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def test_cli_index_engine_ray(cluster, images, tmp_path_factory, tmp_path):
+    """`blip2 index --engine ray` in its own process, on this module's cluster (--ray-address), equals the
+    library's single-machine build."""
+    import os
+    import subprocess
+    import sys
+
+    import blip2
+    from blip2.collections.index import PhotoIndex, update_index
+
+    folder = tmp_path_factory.mktemp("retrieval-cli")
+    tm.save_retrieval_model(folder)
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [sys.executable, "-m", "blip2.cli", "index", *map(str, images), "--out", str(tmp_path / "ray"),
+         "--model", str(folder), "--device", "cpu", "--batch-size", "4", "--json", "--engine", "ray",
+         "--ray-address", address, "--ray-actors", "1", "--ray-cpus-per-actor", "0.5"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["added"] == 18
+    update_index(blip2.load(str(folder), device="cpu"), tmp_path / "local", images, workers=0, progress=False)
+    with PhotoIndex.open(tmp_path / "local") as a, PhotoIndex.open(tmp_path / "ray") as b:
+        assert sorted(a.rows()) == sorted(b.rows())
+        assert a.vectors.ntotal == b.vectors.ntotal
 
 
 def _free_port() -> int:

@@ -65,6 +65,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="image decoding processes (default: min(4, CPUs); 0 decodes in this process)")
     p.add_argument("--commit-every", type=_non_negative_float, default=30.0, metavar="S",
                    help="seconds between saves; a killed run redoes at most this much (default: %(default)s)")
+    from blip2.collections.ray_options import add_ray_arguments
+
+    add_ray_arguments(p)
 
 
 def run_index(args: argparse.Namespace, load_model: Callable[[], object]) -> int:
@@ -80,11 +83,17 @@ def run_index(args: argparse.Namespace, load_model: Callable[[], object]) -> int
     from blip2.collections.index import update_index
 
     blip2 = load_model()
-    report = update_index(
-        blip2, out, args.inputs, recursive=args.recursive, files_from=args.files_from, kind=args.kind,
-        prune=args.prune, batch_size=getattr(args, "batch_size", None), workers=args.workers,
-        commit_every=args.commit_every, model_name=getattr(args, "model", None),
-    )
+    common = {"recursive": args.recursive, "files_from": args.files_from, "kind": args.kind, "prune": args.prune,
+              "commit_every": args.commit_every, "model_name": getattr(args, "model", None)}
+    if getattr(args, "engine", "local") == "ray":  # actors embed, this process writes the index
+        from blip2.collections.ray_jobs import index_with_ray
+        from blip2.collections.ray_options import load_settings, ray_settings
+
+        report = index_with_ray(blip2, args.model, out, args.inputs, batch_size=getattr(args, "batch_size", None) or 8,
+                                load_kwargs=load_settings(args), **ray_settings(args), **common)
+    else:
+        report = update_index(blip2, out, args.inputs, batch_size=getattr(args, "batch_size", None),
+                              workers=args.workers, **common)
     if getattr(args, "json", False):
         print(json.dumps({"index": str(out), **report.to_dict()}, indent=2, ensure_ascii=False))
         return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from blip2.collections.label import MODES, LabelReport, _combine, _fail
 
@@ -82,10 +83,10 @@ def load_on_worker(model: str, load_kwargs: dict[str, Any]):
 
 
 def _pipeline(ray, paths: Sequence[Path], actor: type, kwargs: dict[str, Any], batch_size: int,
-              resources: tuple[int, float, float], progress: bool):
-    """paths -> map_batches(actor) over a pool; the driver iterates the output batches as they finish."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+              resources: tuple[int, float, float]):
+    """paths -> map_batches(actor) over a pool; the driver iterates the output batches as they finish (and
+    shows its own progress bar: Ray Data's per-stage bars are off)."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
     actors, gpus, cpus = resources
     ds = ray.data.from_items([{"path": str(p)} for p in paths])
     return ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
@@ -188,7 +189,8 @@ def label_with_ray(
             resources = actor_resources(ray, num_actors, num_gpus_per_actor, cpus_per_actor)
             kwargs = {"model": model, "load_kwargs": dict(load_kwargs or {}), "question": question, "prompt": prompt,
                       "template": template, "generation": generation, "model_name": model_name}
-            ds = _pipeline(ray, todo, LabelActor, kwargs, batch_size, resources, progress)
+            ds = _pipeline(ray, todo, LabelActor, kwargs, batch_size, resources)
+            bar = tqdm(total=len(todo), desc="labeling (ray)", unit="img", disable=not progress, smoothing=0.1)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 rows = [json.loads(text) for text in batch["row"]]
                 for row in rows:
@@ -201,6 +203,8 @@ def label_with_ray(
                         report.labeled += 1
                     else:
                         _fail(report, Path(row["path"]), row["error"])
+                bar.update(len(rows))
+            bar.close()
     writer.finish()
     report.seconds = time.perf_counter() - start
     return report
@@ -240,7 +244,7 @@ def index_with_ray(
     cpus_per_actor: float | None = None,
     ray_address: str | None = None,
     load_kwargs: dict[str, Any] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     **update_kwargs: Any,
 ):
     """`update_index(blip2, folder, inputs, **update_kwargs)` with the images embedded by Ray actors (each loads
@@ -254,7 +258,7 @@ def index_with_ray(
     def embed(files: list[Path]):
         with ray_session(ray_address) as ray:
             resources = actor_resources(ray, num_actors, num_gpus_per_actor, cpus_per_actor)
-            ds = _pipeline(ray, files, EmbedActor, kwargs, batch_size, resources, progress)
+            ds = _pipeline(ray, files, EmbedActor, kwargs, batch_size, resources)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 yield [(Path(p), np.frombuffer(v, np.float32).reshape(q, dim) if v else None, e or None)
                        for p, v, e in zip(batch["path"], batch["vectors"], batch["error"])]

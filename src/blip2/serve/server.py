@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model id clients see in /v1/models (default: --model as given)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default: %(default)s)")
+    from blip2.serve.ray_serve import add_ray_serve_arguments
+
+    add_ray_serve_arguments(p)
 
 
 def build_config(args: argparse.Namespace):
