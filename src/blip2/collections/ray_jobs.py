@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -87,6 +88,8 @@ def _pipeline(ray, paths: Sequence[Path], actor: type, kwargs: dict[str, Any], b
     """paths -> map_batches(actor) over a pool; the driver iterates the output batches as they finish (and
     shows its own progress bar: Ray Data's per-stage bars are off)."""
     ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet = logging.getLogger("ray.data")  # its per-run INFO lines ("execution finished in ...") are noise here
+    quiet.setLevel(max(logging.WARNING, quiet.getEffectiveLevel()))
     actors, gpus, cpus = resources
     ds = ray.data.from_items([{"path": str(p)} for p in paths])
     return ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
