@@ -84,7 +84,7 @@ def test_entry_point_help():
 def test_every_command_and_option_has_help(capsys):
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0]
-    assert set(commands.choices) == {"caption", "ask", "chat", "itm", "retrieve", "eval", "train", "cache-features", "convert", "serve", "index", "search"}
+    assert set(commands.choices) == {"caption", "ask", "chat", "itm", "retrieve", "eval", "train", "cache-features", "convert", "serve", "index", "search", "label"}
     described = {a.dest: a.help for a in commands._choices_actions}
     for name, sub in commands.choices.items():
         assert described[name], name

@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes decoding images ahead of the model; 0 decodes in the main process "
                         "(default: min(4, CPUs))")
     p.set_defaults(mode="skip")
+    from blip2.collections.ray_options import add_ray_arguments
+
+    add_ray_arguments(p)
 
 
 def generation(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,13 +119,24 @@ def run(args: argparse.Namespace, load_model: Callable[[], Any]) -> int:
         from blip2.collections.label import check_ext
 
         check_ext(args.ext)
-    model = load_model()
-    report = label_images(
-        model, paths, question=args.question, prompt=args.prompt, template=args.template, out=args.out,
-        ext=args.ext, mode=args.mode, prefix=args.prefix, suffix=args.suffix, separator=args.separator,
-        retry_failed=args.retry_failed, generation=generation(args), batch_size=getattr(args, "batch_size", None),
-        workers=args.workers, model_name=getattr(args, "model", None), progress=True,
-    )
+    if getattr(args, "engine", "local") == "ray":  # actors load the model; this process writes the manifest
+        from blip2.collections.ray_jobs import label_with_ray
+        from blip2.collections.ray_options import load_settings, ray_settings
+
+        report = label_with_ray(
+            args.model, paths, out=args.out, question=args.question, prompt=args.prompt, template=args.template,
+            mode=args.mode, prefix=args.prefix, suffix=args.suffix, separator=args.separator,
+            retry_failed=args.retry_failed, generation=generation(args), batch_size=getattr(args, "batch_size", None) or 8,
+            load_kwargs=load_settings(args), model_name=getattr(args, "model", None), **ray_settings(args),
+        )
+    else:
+        report = label_images(
+            load_model(), paths, question=args.question, prompt=args.prompt, template=args.template, out=args.out,
+            ext=args.ext, mode=args.mode, prefix=args.prefix, suffix=args.suffix, separator=args.separator,
+            retry_failed=args.retry_failed, generation=generation(args), batch_size=getattr(args, "batch_size", None),
+            workers=args.workers, model_name=getattr(args, "model", None), progress=True,
+        )
+
     if getattr(args, "json", False):
         print(json.dumps({
             "labeled": report.labeled, "skipped": report.skipped, "failed": report.failed, "total": report.total,
