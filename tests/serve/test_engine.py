@@ -150,3 +150,22 @@ def test_a_short_request_joins_a_running_one_and_leaves_first(blip2_model):
     assert long_result.completion_tokens == 100 and long_result.finish_reason == "length"
     assert long_result.text == blip2_model.caption(image, **long)[0]
     assert short_result.text == blip2_model.caption(other, prompt="a photo of", **GREEDY)[0]
+
+
+def test_max_batch_size_one_turns_batching_off(blip2_model):
+    engine = Engine(blip2_model, max_batch_size=1, max_wait_s=0.2)
+    images = tm.images(3, seed=6)
+    engine.start()
+    try:
+        async def main():
+            loop = asyncio.get_running_loop()
+            jobs = _jobs(loop, engine, images, ["", "", ""], GREEDY)
+            for job in jobs:
+                engine.submit(job)
+            return await asyncio.gather(*(job.future for job in jobs))
+
+        results = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert engine.metrics.batch_size.total == 3  # one at a time: no shared vision, Q-Former or decode pass
+    assert [r.text for r in results] == [blip2_model.caption(img, **GREEDY)[0] for img in images]

@@ -242,11 +242,13 @@ class Engine:
         return self.decoder is not None and isinstance(job, GenerationJob) and job.settings.get("num_beams", 1) == 1
 
     def _step(self) -> None:
-        """Calls first; new continuous jobs join the decoder; the oldest whole-batch group runs when it is first
-        in line; then one decode step for every running row."""
+        """Calls first; new continuous jobs join the decoder while it has room (max_batch_size rows); the oldest
+        whole-batch group runs; then one decode step for every running row."""
         calls = [j for j in self._pending if isinstance(j, CallJob)]
-        joining = [j for j in self._pending if self._continuous(j)]
-        self._pending = [j for j in self._pending if j not in calls and j not in joining]
+        room = self.max_batch_size - len(self._rows)
+        joining = [j for j in self._pending if self._continuous(j)][: max(room, 0)]
+        taken = set(map(id, calls + joining))
+        self._pending = [j for j in self._pending if id(j) not in taken]
         for job in calls:
             self._started(job)
             if job.cancelled.is_set():
@@ -255,16 +257,18 @@ class Engine:
                 self._call(job)
         if joining:
             self._join(joining)
-        if self._pending:
-            self._generate_group()
+        whole = [j for j in self._pending if not self._continuous(j)]
+        if whole:
+            self._generate_group(whole)
         if self._rows:
             self._decode_step()
 
-    def _generate_group(self) -> None:
-        """The oldest pending job's batch: every pending job with its key, up to max_batch_size, via generate."""
-        first = self._pending[0]
-        batch = [j for j in self._pending if j.key == first.key][: self.max_batch_size]
-        self._pending = [j for j in self._pending if j not in batch]
+    def _generate_group(self, candidates: list[GenerationJob]) -> None:
+        """The oldest candidate's batch: every candidate with its key, up to max_batch_size, via generate."""
+        first = candidates[0]
+        batch = [j for j in candidates if j.key == first.key][: self.max_batch_size]
+        taken = set(map(id, batch))
+        self._pending = [j for j in self._pending if id(j) not in taken]
         for job in batch:
             self._started(job)
         self.cancelled += sum(j.cancelled.is_set() for j in batch)
