@@ -112,7 +112,7 @@ def coverage(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """(H, W) float32 alpha in [0, 1]: how much of each pixel the shape covers (anti-aliased), or 0/1 by
     whether it covers at least half the pixel (aliased, so the shape's area stays right)."""
     mask = Image.new("L", (image_size * SUPERSAMPLE, image_size * SUPERSAMPLE), 0)
-    # Pixel centres sit at +0.5: shift so each block of SUPERSAMPLE^2 samples averages over its own pixel.
+    # PIL puts integer coordinates at sample centres; a sample covers [k, k + 1) of the scaled plane.
     points = [(x * SUPERSAMPLE - 0.5, y * SUPERSAMPLE - 0.5) for x, y in outline(scene)]
     ImageDraw.Draw(mask).polygon(points, fill=255)
     alpha = np.asarray(mask.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.float32) / 255.0
@@ -143,7 +143,8 @@ SHAPE_QUESTIONS = ("what shape is in the image?", "what shape is present?",
 PROBE_COLOUR = ("is there a {probe} shape?", "is there a {probe} shape in the image?",
                 "is a {probe} shape present?", "does the image contain a {probe} shape?")
 PROBE_COLOUR_NOT = ("is there not a {probe} shape?", "is no {probe} shape present?",
-                    "does the image not contain a {probe} shape?", "is there not a {probe} shape in the image?")
+                    "does the image not contain a {probe} shape?",
+                    "is there not a {probe} shape in the image?")
 PROBE_SHAPE = ("is there a {probe}?", "is there a {probe} in the image?", "is a {probe} present?",
                "does the image contain a {probe}?")
 PROBE_SHAPE_NOT = ("is there not a {probe}?", "is no {probe} present?",

@@ -4,8 +4,9 @@
         [--views 2] [--rendered 4000] [--limit-images N]
 
 1. data:   the easy-VQA *train* split only (never test), each image with 2 augmented views (new size,
-           stretch, small rotation, position and pale background; the shape's colour is never touched), and
-           4,000 images of our own renderer (blip2.data.shapes): 16,000 image files under work/images/.
+           stretch, small rotation, position, pale background, hard edges half the time; the shape's colour
+           is never touched), and 4,000 images of our own renderer (blip2.data.shapes): 16,000 image files
+           under work/images/.
            Per image: a caption "a {colour} {shape}" (one ITC class per colour-shape pair, so same-caption
            images are positives); for stage 2 its questions (easy-VQA's 38,575 for an original and for each
            of its views; 10 of our own per rendered image), the caption and 4 chat turns derived from the
@@ -64,7 +65,7 @@ def chat_records(image: str, colour: str, shape: str, rng: random.Random) -> lis
 # Offline augmentation (blip2.data.shape_augment): stages 1-2 train from a cache of frozen features, which
 # holds one feature map per image file, so an augmented view has to be an image file of its own. Each
 # easy-VQA train image gets VIEWS re-drawn views (new size, stretch, small rotation, position, background
-# tint; never a colour change), and RENDERED images from our own renderer (blip2.data.shapes) join them.
+# tint, edges; never a colour change), and RENDERED images of our own renderer (blip2.data.shapes) join them.
 # Every view and rendered image gets the records its labels give: questions, a caption, chat turns.
 VIEWS = 2
 RENDERED = 4000
@@ -100,8 +101,8 @@ def _write_images(root: Path, labels: dict[int, tuple[str, str]], paths: dict[in
             rng = random.Random(f"augment:{image_id}:{k}")
             view = shape_augment.augment(original, rng, shape, colour)
             view.save(root / "augmented" / f"{image_id}-{k}.png")
-    labels_drawn = shapes.balanced_labels(rendered)
-    drawn = shapes.render_set(root / "rendered", labels_drawn, RENDER_SEED, RENDERED_KINDS)
+    drawn = shapes.render_set(root / "rendered", shapes.balanced_labels(rendered), RENDER_SEED,
+                              RENDERED_KINDS)
     records = [{"image": f"rendered/{r.image}", "colour": r.colour, "shape": r.shape,
                 "questions": [[q.question, q.answer] for q in r.questions]} for r in drawn]
     tmp = manifest.with_suffix(".tmp")
