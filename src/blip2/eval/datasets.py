@@ -91,10 +91,12 @@ def packaged_name(spec: Sequence[str]) -> tuple[str, str] | None:
     name, split = match.groups()
     if name not in PACKAGED:
         known = ", ".join(f"{n}:test" for n in PACKAGED)
-        raise ValueError(f"unknown dataset name {spec[0]!r}: use a data file or one of {known} (or :train).")
+        raise ValueError(f"unknown dataset name {spec[0]!r}: use a data file or one of {known} (easy-vqa names "
+                         "also :train).")
     splits = SPLITS.get(name, easy_vqa.SPLITS)
     if split not in splits:
-        raise ValueError(f"dataset {name} has no split {split!r}; use {' or '.join(f'{name}:{s}' for s in splits)}.")
+        choices = " or ".join(f"{name}:{s}" for s in splits)
+        raise ValueError(f"dataset {name} has no split {split!r}; use {choices}.")
     return name, split
 
 
