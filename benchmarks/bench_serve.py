@@ -32,14 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import os
 import platform
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +52,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_inference as bi  # noqa: E402  (the mid-size model's builder, its questions and image generator)
 
-ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"blip2 serve: .* on (http://\S+)")
 IMAGES_PER_LEVEL = 16
 # The default model was trained on easy-VQA (shapes and colours); the mid model's word tokenizer knows
@@ -69,25 +66,6 @@ REQUEST_TIMEOUT_S = 600  # server and client: a slow level shows as latency, not
 
 
 # --------------------------------------------------------------------------------------------------- models
-
-
-def mid_model(cache: Path) -> Path:
-    """bench_inference's checkpoint, saved once under `cache` (rebuilt when its config changes)."""
-    stamp = hashlib.sha256(bi.hf_config().to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    if (cache / "bench_stamp").is_file() and (cache / "bench_stamp").read_text() == stamp:
-        return cache
-    tmp = cache.with_name(cache.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    start = time.perf_counter()
-    bi.save_checkpoint(tmp)
-    (tmp / "bench_stamp").write_text(stamp)
-    if cache.exists():
-        shutil.rmtree(cache)
-    tmp.rename(cache)
-    print(f"built and saved the mid-size model in {time.perf_counter() - start:.0f}s: {cache}", flush=True)
-    return cache
 
 
 def data_url(image) -> str:
@@ -344,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in the server (OMP_NUM_THREADS); 0 = torch's default (all cores). "
                         "1 by default: the clients run on the same machine and need a core")
-    p.add_argument("--model-cache", type=Path, default=ROOT / "runs" / "bench" / "mid-random",
+    p.add_argument("--model-cache", type=Path, default=bi.MID_CACHE,
                    help="where the mid-size random model is saved once (default: runs/bench/mid-random)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: concurrency 1,4,16, max(8, c) requests per level")
@@ -372,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     started = time.perf_counter()
     for model in models:
-        path = str(mid_model(args.model_cache)) if model == "mid" else "default"
+        path = str(bi.cached_checkpoint(args.model_cache)) if model == "mid" else "default"
         print(f"{model} model ({path})", flush=True)
         runs = {config: run_config(model, path, config, args) for config in args.configs}
         compared = [row for config in args.configs[1:]
