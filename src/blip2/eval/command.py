@@ -24,7 +24,8 @@ TASKS = {
 }
 DATA_HELP = {
     "vqa": "VQA JSONL ({image, question, answers}), VQAv2 questions + annotations JSON (two paths or their "
-           "folder), or easy-vqa:test / easy-vqa:train",
+           "folder), easy-vqa:test / easy-vqa:train, or shapes-vqa:test (600 questions about newly rendered "
+           "images)",
     "caption": "COCO caption annotations JSON, caption JSONL ({image, text: [references]}), or "
                "easy-vqa-captions:test / easy-vqa-captions:train",
     "retrieval": "a caption file (COCO JSON or JSONL; each image with its captions), or "
