@@ -19,11 +19,11 @@ attention (sliding-window or linear-attention layers: a left-padded column would
 
 How. One `DynamicCache` holds every active row, LEFT-padded to the longest row, with an explicit (B, L)
 attention mask and explicit position ids (each row counts only its own real tokens, so padding never shifts a
-position). A new request is prefilled alone (exactly generate's prefill: no mask, positions 0..T-1), then its
-cache is left-padded or the batch's is, and the two are concatenated along the batch axis. A finished row is
-dropped at once, and columns that became padding in every row are trimmed, so the cache is as long as the
-longest live row. Costs: prefill runs one request at a time (exactness over prefill throughput), and a join or
-leave copies the batch cache once.
+position). Requests that arrive together are prefilled in one pass, left-padded with a mask as generate
+prefills a padded batch (a lone request gets generate's own unpadded prefill); then their cache and the batch's
+are left-padded to one length and concatenated along the batch axis. A finished row is dropped at once, and
+columns that became padding in every row are trimmed, so the cache is as long as the longest live row. Cost: a
+join or leave copies the batch cache once.
 """
 
 from __future__ import annotations
@@ -130,7 +130,11 @@ class ContinuousDecoder:
         if self._rows:
             out += self._decode()
         while self._waiting and len(self._rows) < self.max_batch:
-            out.append(self._admit(self._waiting.popleft()))
+            room = self.max_batch - len(self._rows)
+            group = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            out += self._admit(group if self._takes_positions else group[:1])
+            if not self._takes_positions:
+                self._waiting.extendleft(reversed(group[1:]))  # without position ids a padded prefill would shift
         return out
 
     # -- per-request settings, the way generate builds them ----------------------------------------------
@@ -177,36 +181,48 @@ class ContinuousDecoder:
 
     # -- the batch -----------------------------------------------------------------------------------------
 
-    def _admit(self, row: _Row) -> tuple[Hashable, int, bool]:
-        """Prefill one request alone, exactly as generate's prefill, then join its cache to the batch."""
-        embeds = row.embeds.to(self.lm.device, self.lm.dtype)[None]  # (1, T, H)
-        row.embeds = None
-        length = embeds.shape[1]
+    def _admit(self, rows: list[_Row]) -> list[tuple[Hashable, int, bool]]:
+        """Prefill requests that arrived together in one forward pass, left-padded with a mask and per-row
+        positions exactly as generate prefills a padded batch (one request: generate's unpadded prefill), then
+        join their caches to the batch. One pass instead of one per request is what makes short answers cheap:
+        for them the prefill is most of the work."""
+        device = self.lm.device
+        embeds = [row.embeds.to(device, self.lm.dtype) for row in rows]  # each (T_i, H)
+        for row in rows:
+            row.embeds = None
+        length = max(e.shape[0] for e in embeds)
+        batch = torch.stack([F.pad(e, (0, 0, length - e.shape[0], 0)) for e in embeds])  # (n, L, H), left-padded
+        mask = torch.stack([_left_pad(torch.ones(1, e.shape[0], dtype=torch.long, device=device), length)[0]
+                            for e in embeds])  # (n, L)
         cache = DynamicCache(config=self.lm.config)
         kw = dict(self._forward_kw)
+        if len(rows) > 1:
+            kw["attention_mask"] = mask
         if self._takes_positions:
-            kw["position_ids"] = torch.arange(length, device=self.lm.device)[None]  # (1, T)
-        logits = self.lm(inputs_embeds=embeds, cache=cache, **kw).logits[:, -1]  # (1, V)
-        token, finished = self._choose([row], logits)[0]
-        if not finished:
-            self._join(row, cache, length, token)
-        return row.key, token, finished
+            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): padding never shifts a position
+        logits = self.lm(inputs_embeds=batch, cache=cache, **kw).logits[:, -1]  # (n, V)
+        chosen = self._choose(rows, logits)
+        keep = [i for i, (_, finished) in enumerate(chosen) if not finished]
+        if keep:
+            if len(keep) < len(rows):
+                cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=device))
+            self._join([rows[i] for i in keep], cache, mask[keep], [chosen[i][0] for i in keep])
+        return [(row.key, token, finished) for row, (token, finished) in zip(rows, chosen)]
 
-    def _join(self, row: _Row, cache: DynamicCache, length: int, token: int) -> None:
-        device = self.lm.device
-        mask = torch.ones(1, length, dtype=torch.long, device=device)
+    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, tokens: list[int]) -> None:
+        """Append prefilled rows (their cache (n, h, T, d), mask (n, T)) to the running batch."""
         if self._cache is None:
             self._cache, self._mask = cache, mask
         else:
-            total = max(self._mask.shape[1], length)
-            # keys/values (B, h, L, d) + (1, h, T, d) -> (B+1, h, max(L, T), d)
+            total = max(self._mask.shape[1], mask.shape[1])
+            # keys/values (B, h, L, d) + (n, h, T, d) -> (B+n, h, max(L, T), d)
             for mine, new in zip(self._cache.layers, cache.layers):
                 mine.keys = torch.cat([_left_pad(mine.keys, total), _left_pad(new.keys, total)])
                 mine.values = torch.cat([_left_pad(mine.values, total), _left_pad(new.values, total)])
-            self._mask = torch.cat([_left_pad(self._mask, total), _left_pad(mask, total)])  # (B+1, L)
-        self._rows.append(row)
-        self._positions = torch.cat([self._positions, self._positions.new_tensor([length])])
-        self._last = torch.cat([self._last, self._last.new_tensor([token])])
+            self._mask = torch.cat([_left_pad(self._mask, total), _left_pad(mask, total)])  # (B+n, L)
+        self._rows += rows
+        self._positions = torch.cat([self._positions, mask.sum(1)])  # each row's next position: its real tokens
+        self._last = torch.cat([self._last, self._last.new_tensor(tokens)])
 
     def _decode(self) -> list[tuple[Hashable, int, bool]]:
         batch = len(self._rows)

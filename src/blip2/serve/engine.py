@@ -4,8 +4,8 @@ hand it jobs and await futures.
 Two ways to batch (DESIGN §4 "Serving"), both changing nothing but speed:
 - Continuous batching (greedy and sampled requests to a decoder-only LLM): new requests join the running batch
   between decode steps and leave the step they finish, as in vLLM (`serve/continuous.py`). Requests that arrive
-  together share one vision-tower and Q-Former pass; each is prefilled alone and decodes in the shared batch, so
-  its tokens equal `generate` on it alone (tested).
+  together share one vision-tower, Q-Former and prefill pass, then decode in the shared batch; padding with masks
+  and per-row positions keeps each request's tokens equal to `generate` on it alone (tested).
 - Whole batches (beam search; encoder-decoder LLMs such as Flan-T5): jobs that arrive within `max_wait_s` of
   each other and share their decoding settings run as one `generate` batch of up to `max_batch_size`,
   left-padded with an attention mask exactly as `Blip2.caption`/`ask` batch a list. Sampling with a `seed`
