@@ -12,37 +12,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from blip2.collections.argtypes import non_negative_float, non_negative_int, positive_int
+
 KINDS = ("auto", "exact", "hnsw", "ivf")  # collections.vectors.KINDS, without importing faiss
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 0 or more, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, got {text!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------- blip2 index
@@ -61,9 +33,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the index's own; auto for a new one)")
     p.add_argument("--prune", action="store_true",
                    help="remove every image not among this run's inputs (default: only files that no longer exist)")
-    p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
+    p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                    help="image decoding processes (default: min(4, CPUs); 0 decodes in this process)")
-    p.add_argument("--commit-every", type=_non_negative_float, default=30.0, metavar="S",
+    p.add_argument("--commit-every", type=non_negative_float, default=30.0, metavar="S",
                    help="seconds between saves; a killed run redoes at most this much (default: %(default)s)")
     from blip2.collections.ray_options import add_ray_arguments
 
@@ -117,11 +89,11 @@ SEARCH_HELP = ("Search a photo index with a text (ITC over every query vector, t
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", metavar="INDEX", help="an index folder made by `blip2 index`")
     p.add_argument("text", nargs="?", default=None, metavar="TEXT", help="what to look for")
-    p.add_argument("-k", type=_positive_int, default=20, metavar="N", help="images to return (default: %(default)s)")
+    p.add_argument("-k", type=positive_int, default=20, metavar="N", help="images to return (default: %(default)s)")
     p.add_argument("--image", default=None, metavar="FILE", help="search by example: images like this one")
     p.add_argument("--no-rerank", dest="rerank", action="store_false",
                    help="rank by ITC cosine only (faster: no image is read again)")
-    p.add_argument("--rerank-k", type=_positive_int, default=128, metavar="N",
+    p.add_argument("--rerank-k", type=positive_int, default=128, metavar="N",
                    help="top ITC candidates re-ranked by ITM (default: %(default)s, LAVIS' k_test)")
     p.add_argument("--html", default=None, metavar="FILE", help="also write a contact sheet (thumbnails, scores)")
 

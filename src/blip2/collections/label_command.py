@@ -12,6 +12,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from blip2.collections.argtypes import non_negative_int
+
 # The generation options of the CLI's shared parent parser, by their argparse names (None = unset).
 GENERATION_ARGS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "repetition_penalty",
                    "temperature", "top_p")
@@ -21,16 +23,6 @@ DESCRIPTION = (
     "Resumable: images already labeled are skipped, so rerun the same command after an interruption. A bad file "
     "(unreadable, truncated, not an image, too large) is recorded with its error and the run goes on."
 )
-
-
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 0 or more, got {text!r}")
-    return value
 
 
 def _extensions(text: str) -> list[str]:
@@ -77,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     how.add_argument("--suffix", default="", help="text put after every new label")
     how.add_argument("--retry-failed", action="store_true",
                      help="label again the images a manifest recorded as errors (default: recorded once, skipped)")
-    p.add_argument("--workers", type=_workers, default=None, metavar="N",
+    p.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                    help="processes decoding images ahead of the model; 0 decodes in the main process "
                         "(default: min(4, CPUs))")
     p.set_defaults(mode="skip")

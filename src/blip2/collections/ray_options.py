@@ -7,27 +7,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from blip2.collections.argtypes import non_negative_float, positive_int
+
 ENGINES = ("local", "ray")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, got {text!r}")
-    return value
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,11 +20,11 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster to run on, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, else a "
                         "local Ray instance for this run)")
-    g.add_argument("--ray-actors", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--ray-actors", type=positive_int, default=None, metavar="N",
                    help="model replicas (default: one per GPU of the cluster; without GPUs, one per 2 CPUs)")
-    g.add_argument("--ray-gpus-per-actor", type=_non_negative_float, default=None, metavar="G",
+    g.add_argument("--ray-gpus-per-actor", type=non_negative_float, default=None, metavar="G",
                    help="GPUs each actor holds (default: 1 where the cluster has GPUs, else 0)")
-    g.add_argument("--ray-cpus-per-actor", type=_non_negative_float, default=None, metavar="C",
+    g.add_argument("--ray-cpus-per-actor", type=non_negative_float, default=None, metavar="C",
                    help="CPUs each actor holds, fractions allowed (default: 1, less where the actors would take every "
                         "CPU: the reading stage needs one)")
 
