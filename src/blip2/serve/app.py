@@ -238,8 +238,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 if not job.future.done():
                     job.cancelled.set()
 
-    def generation(defaults: dict, settings: dict, prompts: list[str]) -> dict:
-        """Validated settings (library checks), server limits, and the prompt length check, before queuing."""
+    def generation(defaults: dict, settings: dict) -> dict:
+        """Validated settings (the library's checks) within the server's limits, before anything is queued."""
         try:
             gen = blip2._generation(defaults, settings)
         except ValueError as err:
@@ -267,22 +267,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         except ValueError as err:
             raise ApiError(400, str(err)) from None
 
-    async def run_call(fn: Callable[[Engine], Any], request: Request | None = None) -> Any:
-        job = CallJob(asyncio.get_running_loop(), fn)
-        try:
-            engine.submit(job)
-        except QueueFull as err:
-            raise ApiError(503, f"{err}; retry shortly", headers={"Retry-After": "1"}) from None
-        except ShuttingDown as err:
-            raise ApiError(503, str(err), headers={"Retry-After": "5"}) from None
-        try:
-            return await asyncio.wait_for(asyncio.shield(job.future), config.request_timeout_s)
-        except asyncio.TimeoutError:
-            job.cancelled.set()
-            raise ApiError(504, f"the request took longer than the server's limit of {config.request_timeout_s:g} s",
-                           kind="timeout") from None
-        except (ValueError, MediaError) as err:
-            raise ApiError(getattr(err, "status", 400), str(err)) from None
+    async def run_call(request: Request, fn: Callable[[Engine], Any]) -> Any:
+        """Any other model work (matching, retrieval, embeddings, search) on the worker, like a generation job."""
+        (result,) = await run(request, [CallJob(asyncio.get_running_loop(), fn)])
+        return result
 
     def usage(results: list[Result]) -> dict:
         prompt = sum(r.prompt_tokens for r in results)
@@ -339,7 +327,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             settings["length_penalty"] = body.length_penalty
         if body.repetition_penalty is not None:
             settings["repetition_penalty"] = body.repetition_penalty
-        gen = generation({}, settings, [prompt])
+        gen = generation({}, settings)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "stop takes at most 4 sequences", param="stop")
@@ -454,7 +442,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             counted = sum(len(ids) for ids in e.blip2.qformer_tokenizer(list(texts.values()))["input_ids"]) if texts else 0
             return out, counted
 
-        vectors, n_text = await run_call(embed)
+        vectors, n_text = await run_call(request, embed)
         data = []
         for i in range(len(inputs)):
             v = vectors[i]
@@ -476,7 +464,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         body, uploads = await parse(request, schemas.CaptionRequest, files=("image",))
         need_llm("/v1/caption")
         prompt = body.prompt or ""
-        gen = generation(CAPTION_DEFAULTS, body.settings(), [prompt])
+        gen = generation(CAPTION_DEFAULTS, body.settings())
         img = await one_image(body, uploads)
         await check_prompts([prompt], gen["max_new_tokens"])
         job = GenerationJob(asyncio.get_running_loop(), await image_ref(img), prompt, "", gen)
@@ -492,7 +480,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         need_llm("/v1/ask")
         template = vqa_template(blip2.is_encoder_decoder)
         prompts = [template.format(q) for q in body.questions]
-        gen = generation(VQA_DEFAULTS, body.settings(), prompts)
+        gen = generation(VQA_DEFAULTS, body.settings())
         img = await one_image(body, uploads)
         await check_prompts(prompts, gen["max_new_tokens"])
         ref = await image_ref(img)
@@ -517,7 +505,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             sims = max_over_queries(e.blip2._image_itc(feats), e.blip2._text_itc(texts))[0].float().tolist()
             return [{"text": t, "match": p, "similarity": s} for t, p, s in zip(texts, probs, sims)]
 
-        return {"results": await run_call(score), "model": config.model_name}
+        return {"results": await run_call(request, score), "model": config.model_name}
 
     @app.post("/v1/retrieve")
     async def retrieve(request: Request):
@@ -533,7 +521,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             (hits,) = e.blip2.retrieve([text], feats, k=k)
             return [{"index": h.index, "match": h.itm, "similarity": h.itc, "score": h.score} for h in hits]
 
-        return {"results": await run_call(rank), "model": config.model_name}
+        return {"results": await run_call(request, rank), "model": config.model_name}
 
     @app.post("/v1/search")
     async def search(request: Request):
@@ -554,7 +542,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             return search_route_payload(e.blip2, photo_index, body,
                                         load_image=(lambda _: query_image) if query_image is not None else None)
 
-        payload = await run_call(run_search)
+        payload = await run_call(request, run_search)
         payload["model"] = config.model_name
         return payload
 
