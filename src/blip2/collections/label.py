@@ -62,6 +62,23 @@ def _combine(mode: str, old: str | None, new: str, separator: str) -> str:
     return f"{old}{separator}{new}" if mode == "append" else f"{new}{separator}{old}"
 
 
+def label_settings(model: Blip2, question: str | None, prompt: str | None, template: str | None,
+                   generation: dict[str, Any] | None, model_name: str | None) -> tuple[dict, str, dict]:
+    """(generation settings, LLM prompt, the manifest fields every row shares), checked against the model
+    (settings, prompt length). One place for `label_images` and the Ray actors, so both label alike."""
+    if question is not None:
+        gen = model._generation(VQA_DEFAULTS, generation or {})
+        llm_prompt = (template or vqa_template(model.is_encoder_decoder)).format(question)
+    else:
+        gen = model._generation(CAPTION_DEFAULTS, generation or {})
+        llm_prompt = prompt or ""
+    model.check_prompts([llm_prompt], gen["max_new_tokens"])
+    recorded = {k: v for k, v in gen.items() if k != "pad_token_id"}
+    base = {"task": "answer" if question is not None else "caption", "prompt": prompt, "question": question,
+            "model": model_name, "generation": recorded}
+    return gen, llm_prompt, base
+
+
 def label_images(
     model: Blip2,
     paths: Sequence[str | Path],
@@ -106,16 +123,7 @@ def label_images(
     batch_size = batch_size or model.batch_size
 
     # Settings and prompt are checked before any image is read: a mistake costs nothing.
-    if question is not None:
-        gen = model._generation(VQA_DEFAULTS, generation or {})
-        llm_prompt = (template or vqa_template(model.is_encoder_decoder)).format(question)
-    else:
-        gen = model._generation(CAPTION_DEFAULTS, generation or {})
-        llm_prompt = prompt or ""
-    model.check_prompts([llm_prompt], gen["max_new_tokens"])
-    recorded = {k: v for k, v in gen.items() if k != "pad_token_id"}
-    base = {"task": "answer" if question is not None else "caption", "prompt": prompt, "question": question,
-            "model": model_name, "generation": recorded}
+    gen, llm_prompt, base = label_settings(model, question, prompt, template, generation, model_name)
 
     start = time.perf_counter()
     paths = [Path(p) for p in paths]

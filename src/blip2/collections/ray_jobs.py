@@ -105,23 +105,15 @@ class LabelActor:
 
     def __init__(self, model: str, load_kwargs: dict[str, Any], question: str | None, prompt: str | None,
                  template: str | None, generation: dict[str, Any], model_name: str | None) -> None:
-        from blip2.data.text import vqa_template
-        from blip2.inference.pipeline import CAPTION_DEFAULTS, VQA_DEFAULTS
+        from blip2.collections.label import label_settings
 
         self.blip2 = load_on_worker(model, load_kwargs)
         self.blip2._need_llm()
         # As label_images: the same settings, prompt and recorded fields.
-        if question is not None:
-            self.gen = self.blip2._generation(VQA_DEFAULTS, generation)
-            self.llm_prompt = (template or vqa_template(self.blip2.is_encoder_decoder)).format(question)
-        else:
-            self.gen = self.blip2._generation(CAPTION_DEFAULTS, generation)
-            self.llm_prompt = prompt or ""
-        self.blip2.check_prompts([self.llm_prompt], self.gen["max_new_tokens"])
+        self.gen, self.llm_prompt, self.base = label_settings(
+            self.blip2, question, prompt, template, generation, model_name
+        )
         self.question = question
-        recorded = {k: v for k, v in self.gen.items() if k != "pad_token_id"}
-        self.base = {"task": "answer" if question is not None else "caption", "prompt": prompt, "question": question,
-                     "model": model_name, "generation": recorded}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from blip2.collections.label import _generate
