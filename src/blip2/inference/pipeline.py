@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from blip2.inference.generation import (
     prompt_budget,
 )
 from blip2.models.blip2 import Blip2Model
+from blip2.models.language import kv_cache
 
 # REFERENCE §6: captions with 5 beams; VQA with 5 beams, at most 10 new tokens, length penalty -1.
 CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1, "length_penalty": 1.0}
@@ -169,26 +170,37 @@ class Blip2:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
-    def _generate(self, soft_prompts: torch.Tensor, prompts: list[str], gen: dict[str, Any]) -> list[str]:
+    def _generate(
+        self, soft_prompts: torch.Tensor, prompts: list[str], gen: dict[str, Any], rows: torch.Tensor | None = None
+    ) -> list[str]:
+        """Generate for `prompts` after their soft prompts. `rows` (B,): the soft prompt of each prompt when
+        `soft_prompts` (U, Q, H) holds only the distinct ones (many questions about one image: U = 1); a
+        decoder-only LLM then computes each one's keys/values once and shares them across the batch and the
+        beams (`CausalLanguageModel.generate_shared`); an encoder-decoder LLM gets them repeated."""
         gen = dict(gen)
         seed = gen.pop("seed", None)  # ours, not a transformers setting
         tokens = tokenize_prompts(self.tokenizer, prompts, left_pad=not self.is_encoder_decoder)
         # Callers that skip caption/ask (the eval runners) still get the clear error instead of an index error
         # past OPT's positions; the per-call cap is the caller's business, checked before its compute.
         self._check_counts(tokens.attention_mask.sum(1).tolist(), gen.get("max_new_tokens", 20), None)
-        kwargs = dict(
-            input_ids=tokens.input_ids.to(self.device),
-            attention_mask=tokens.attention_mask.to(self.device),
-            soft_prompt=soft_prompts,
-            **gen,
-        )
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        if rows is not None and not self.is_encoder_decoder:
+            lm = self.model.lm
+            return self._decode(self._seeded(seed, lambda: lm.generate_shared(soft_prompts, rows, ids, mask, **gen)))
+        if rows is not None:
+            soft_prompts = soft_prompts[rows]
+        kwargs = dict(input_ids=ids, attention_mask=mask, soft_prompt=soft_prompts, **gen)
+        return self._decode(self._seeded(seed, lambda: self.model.generate(**kwargs)))
+
+    def _seeded(self, seed: int | None, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """run(), with the global RNG seeded when `seed` is given. A seeded call must not move the caller's
+        global RNG: fork it, seed, run, restore."""
         if seed is None:
-            return self._decode(self.model.generate(**kwargs))
-        # A seeded call must not move the caller's global RNG: fork it, seed, generate, restore.
+            return run()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return self._decode(self.model.generate(**kwargs))
+            return run()
 
     @torch.no_grad()
     def soft_prompts(self, feats: torch.Tensor, questions: Sequence[str] | None = None) -> torch.Tensor:
@@ -249,16 +261,18 @@ class Blip2:
         self.check_prompts(prompts, gen["max_new_tokens"], max_prompt_tokens)
         if len(images) == 1:
             feats = self.encode_images(images)  # once, whatever the number of questions
-            # Without question_to_qformer the soft prompt does not depend on the question: compute it once too.
-            shared = None if self.model.config.question_to_qformer else self.soft_prompts(feats)
+            # Without question_to_qformer the soft prompt does not depend on the question: compute it once, and
+            # (decoder-only LLMs) its keys/values once per batch, shared by every question and beam.
+            shared = None if self.model.config.question_to_qformer else self.soft_prompts(feats)  # (1, Q, H)
             out: list[str] = []
             for start in range(0, len(questions), self.batch_size):
                 chunk = questions[start : start + self.batch_size]
+                chunk_prompts = prompts[start : start + self.batch_size]
                 if shared is not None:
-                    soft = shared.expand(len(chunk), -1, -1)
+                    rows = torch.zeros(len(chunk), dtype=torch.long, device=self.device)
+                    out += self._generate(shared, chunk_prompts, gen, rows=rows)
                 else:
-                    soft = self.soft_prompts(feats.expand(len(chunk), -1, -1), chunk)
-                out += self._generate(soft, prompts[start : start + self.batch_size], gen)
+                    out += self._generate(self.soft_prompts(feats.expand(len(chunk), -1, -1), chunk), chunk_prompts, gen)
             return out
         out = []
         for start in range(0, len(images), self.batch_size):
@@ -390,9 +404,20 @@ class Blip2:
 
 @dataclass
 class ChatSession:
-    """A multi-turn conversation about one image. The image's soft prompt is computed once; when the
-    history outgrows the LLM's context (or `max_prompt_tokens`), the oldest turns are dropped (never the
-    image) and a warning says so. A turn that cannot fit even alone is a ValueError naming the counts."""
+    """A multi-turn conversation about one image. The image is encoded once; when the history outgrows the
+    LLM's context (or `max_prompt_tokens`), the oldest turns are dropped (never the image) and a warning says
+    so. A turn that cannot fit even alone is a ValueError naming the counts.
+
+    Decoder-only LLMs keep the key/value cache of the conversation so far, soft prompt included, so a turn
+    prefills only the tokens the cache does not hold: its prompt is tokenized whole as always, the cache is
+    cropped to the longest common prefix of those ids and the ids it holds (a re-tokenized answer or a dropped
+    turn simply shortens that prefix), and the rest is prefilled. After greedy or sampled turns the cache also
+    holds the answer; after beam search it keeps the prompt only (every beam shares it; the beams' own rows were
+    reordered by the search and need not be the chosen one's), and the next turn prefills the answer with its
+    question. Tokens equal re-running the whole prompt (up to float rounding, as for generate's own decode
+    steps; tests compare them). No cache is kept, every turn being one full pass as before, where nothing could
+    be reused: an encoder-decoder LLM (T5 encodes the whole conversation bidirectionally), a model whose soft
+    prompt reads the question (`question_to_qformer`: the prefix changes every turn), a sliding-window LLM."""
 
     owner: Blip2
     image_feats: torch.Tensor  # (1, N, Dv): encoded once for the whole conversation
@@ -400,6 +425,23 @@ class ChatSession:
     history: list[tuple[str, str]] = field(default_factory=list)
     dropped_turns: int = 0
     max_prompt_tokens: int | None = None
+    # The kept cache: keys/values of [soft prompt; held ids], the soft prompt it was computed with. Internal.
+    _cache: Any = field(default=None, repr=False)
+    _held: list[int] = field(default_factory=list, repr=False)
+    _soft: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def keeps_cache(self) -> bool:
+        """Whether turns reuse the conversation's key/value cache (see the class docstring)."""
+        owner = self.owner
+        if owner.is_encoder_decoder or owner.model.config.question_to_qformer:
+            return False
+        return kv_cache.can_keep(owner.model.language_model)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions (soft prompt included) the kept cache holds now; 0 when none is kept."""
+        return self._cache.get_seq_length() if self._cache is not None else 0
 
     def _fit(self, question: str) -> str:
         owner = self.owner
@@ -426,11 +468,50 @@ class ChatSession:
         prompt = self._fit(question)
         # Models that feed the question to the Q-Former read this turn's question; the image is not re-encoded.
         soft = self.owner.soft_prompts(self.image_feats, [question])
-        answer = self.owner._generate(soft, [prompt], self.generation)[0]
+        expand = kv_cache.rows_per_sequence(self.owner.model.language_model, self.generation) if self.keeps_cache else None
+        if expand is None:
+            self._cache = None
+            answer = self.owner._generate(soft, [prompt], self.generation)[0]
+        else:
+            answer = self._ask_cached(soft, prompt, expand)
         self.history.append((question, answer))
         return answer
 
+    @torch.no_grad()
+    def _ask_cached(self, soft: torch.Tensor, prompt: str, expand: int) -> str:
+        owner = self.owner
+        lm = owner.model.lm
+        gen = dict(self.generation)
+        seed = gen.pop("seed", None)
+        ids: list[int] = owner.tokenizer(prompt)["input_ids"]
+        owner._check_counts([len(ids)], gen.get("max_new_tokens", 20), None)
+        queries = soft.shape[1]
+        cache, self._cache = self._cache, None  # a turn that fails midway leaves no half-updated cache behind
+        if cache is None or self._soft is None or not torch.equal(soft, self._soft):
+            cache, held = kv_cache.new_cache(lm.model), []  # first turn, or a new prefix: one full pass
+        else:
+            held = self._held
+        # Keep the longest common prefix; at least one prompt token is left for generate to prefill.
+        keep = min(kv_cache.common_prefix(held, ids), len(ids) - 1)
+        if cache.get_seq_length() > 0:
+            kv_cache.crop(cache, queries + keep)
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)  # beam search runs one cache row per beam
+        input_ids = torch.tensor([ids], dtype=torch.long, device=owner.device)  # (1, T)
+        out = owner._seeded(seed, lambda: lm.generate(soft, input_ids, torch.ones_like(input_ids), cache=cache, **gen))
+        if expand == 1:
+            # The cache now holds [soft prompt; prompt; answer minus its last token] (the last one was never fed).
+            held = (ids + out[0].tolist())[: cache.get_seq_length() - queries]
+        else:
+            kv_cache.crop(cache, queries + len(ids))  # the prompt: identical in every beam's row
+            cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=owner.device))
+            held = ids
+        self._cache, self._held, self._soft = cache, held, soft
+        return owner._decode(out[:1])[0]
+
     def reset(self) -> None:
+        """Forget the conversation (the image stays). The kept cache stays too: the next prompt's common prefix
+        with it (the soft prompt at least) is still valid."""
         self.history.clear()
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
+
+from blip2.models.language import kv_cache
 
 IGNORE = -100
 
@@ -44,8 +46,46 @@ class CausalLanguageModel:
 
     @torch.no_grad()
     def generate(
-        self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generation: Any
+        self,
+        prefix: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: DynamicCache | None = None,
+        **generation: Any,
     ) -> torch.Tensor:
-        """Returns only the new tokens (B * num_return_sequences, N)."""
+        """Returns only the new tokens (B * num_return_sequences, N). `cache`: keys/values of the first positions
+        of [prefix; text], one row per sequence `generate` runs (B * num_beams); only the rest is prefilled, and
+        the cache is updated in place (kv_cache.py)."""
         embeds, mask = self._inputs(prefix, input_ids, attention_mask)
+        if cache is not None:
+            generation["cache"] = cache
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **generation)
+
+    @torch.no_grad()
+    def generate_shared(
+        self, prefixes: torch.Tensor, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        **generation: Any,
+    ) -> torch.Tensor:
+        """`generate(prefixes[rows], input_ids, attention_mask)` that prefills each distinct prefix once.
+
+        prefixes (U, Q, H): e.g. the soft prompts of U images; rows (B,): the prefix of each text row (many
+        questions about one image: all zeros). The prefixes' keys/values are computed in one pass of U rows and
+        copied to the B rows, the texts but their last token are prefilled on B rows, and only then is the cache
+        copied to the B * num_beams rows beam search runs, so `generate` prefills one token per beam instead of
+        Q + T. Pads sit between the prefix and a left-padded text: masked, positions from the mask (kv_cache.py).
+        Falls back to the plain path when sharing would save nothing or the LLM/settings do not allow it."""
+        expand = kv_cache.rows_per_sequence(self.model, generation) if kv_cache.can_keep(self.model) else None
+        if expand is None or (expand == 1 and rows.unique().numel() == rows.numel()):
+            return self.generate(prefixes[rows], input_ids, attention_mask, **generation)
+        queries = prefixes.shape[1]
+        cache = kv_cache.new_cache(self.model)
+        first = self.model.get_input_embeddings().weight.device  # a device-mapped LLM's first device
+        kv_cache.prefill(self.model, cache, prefixes.to(first, self.model.dtype))  # (U, Q): no padding
+        cache.batch_select_indices(rows.cpu())  # (B, Q); CPU indices index every layer's device
+        embeds, mask = self._inputs(prefixes[rows], input_ids, attention_mask)  # (B, Q+T, H), (B, Q+T)
+        if input_ids.shape[1] > 1:  # generate needs at least one position left to prefill
+            positions = kv_cache.positions(mask)
+            kv_cache.prefill(self.model, cache, embeds[:, queries:-1], mask[:, :-1], positions[:, queries:-1])
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)  # row b -> rows b*expand .. b*expand+expand-1, as generate expands
+        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, cache=cache, **generation)
