@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from blip2.collections.reader import IMAGE_EXTENSIONS, Decoded, decode_stream
 from blip2.collections.writers import ManifestWriter, SidecarWriter
-from blip2.data.text import vqa_template
 from blip2.inference.pipeline import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
 
 MODES = ("skip", "overwrite", "append", "prepend")
@@ -68,7 +67,7 @@ def label_settings(model: Blip2, question: str | None, prompt: str | None, templ
     (settings, prompt length). One place for `label_images` and the Ray actors, so both label alike."""
     if question is not None:
         gen = model._generation(VQA_DEFAULTS, generation or {})
-        llm_prompt = (template or vqa_template(model.is_encoder_decoder)).format(question)
+        llm_prompt = (template or model.question_template).format(question)
     else:
         gen = model._generation(CAPTION_DEFAULTS, generation or {})
         llm_prompt = prompt or ""
@@ -198,6 +197,7 @@ def _generate(model: Blip2, pixels: list[torch.Tensor], llm_prompt: str, questio
     dtype = next(model.model.vision_model.parameters()).dtype
     batch = torch.stack(pixels).to(model.device, dtype)  # (B, 3, S, S)
     feats = model.model.encode_image(batch)  # (B, N, Dv)
-    questions = [question] * len(pixels) if question is not None else None
+    # The Q-Former of a question_to_qformer model reads the question, or the caption prompt (Blip2.caption).
+    questions = [question if question is not None else llm_prompt] * len(pixels)
     soft = model.soft_prompts(feats, questions)  # (B, Q, H)
     return model._generate(soft, [llm_prompt] * len(pixels), gen)

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from blip2.convert import instructblip
 from blip2.convert.hf import config_from_hf, config_to_hf, image_config_to_preprocessor
 from blip2.models.blip2 import Blip2Model
 from blip2.models.config import Blip2Config, VisionConfig
@@ -189,7 +190,7 @@ def load_model(
         cfg = config_from_hf(hf_config, preprocessor)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{folder}/config.json is not a BLIP-2 config we can read: {err}") from None
-    model = build_model(cfg, read_state_dict(folder))
+    model = build_model(cfg, instructblip.state_from_folder(hf_config, read_state_dict(folder)))
     model = cast(model, dtype)
     if device is not None:
         model.to(device)
@@ -213,11 +214,12 @@ def save_model(model: Blip2Model, folder: str | os.PathLike, tokenizer=None, qfo
             for key in [k for k in tensors if k.startswith("language_model.") and k.endswith("lm_head.weight")]:
                 del tensors[key]
     _dedupe_shared(tensors)
+    tensors = instructblip.state_for_folder(cfg, tensors)  # InstructBLIP names for question_to_qformer models
     tmp = folder / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / WEIGHTS)
     if cfg.language is not None:
-        processor = {"processor_class": "Blip2Processor", "num_query_tokens": cfg.num_query_tokens}
+        processor = {"processor_class": instructblip.processor_class(cfg), "num_query_tokens": cfg.num_query_tokens}
         (folder / "processor_config.json").write_text(json.dumps(processor, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))

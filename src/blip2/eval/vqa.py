@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from blip2.data.datasets import most_common_answer, pre_question
-from blip2.data.text import vqa_template
 from blip2.eval.datasets import VQAItem
 from blip2.eval.metrics import vqa_accuracy
 from blip2.eval.report import (
@@ -38,7 +37,7 @@ def predict_answers(model, items: Sequence[VQAItem], generation: dict[str, Any] 
     from blip2.inference.pipeline import VQA_DEFAULTS
 
     model._need_llm()
-    template = template or vqa_template(model.is_encoder_decoder)
+    template = template or model.question_template
     gen = model._generation(VQA_DEFAULTS, generation or {})
     answers: list[str] = []
     with progress_bar(len(items), "vqa", "question", progress) as bar:

@@ -204,12 +204,21 @@ class Blip2:
 
     @torch.no_grad()
     def soft_prompts(self, feats: torch.Tensor, questions: Sequence[str] | None = None) -> torch.Tensor:
-        """Image features (B, N, Dv) -> soft prompts (B, Q, H). Models that feed the question to the Q-Former
-        read `questions` (one per row; "" or None for captions) here."""
+        """Image features (B, N, Dv) -> soft prompts (B, Q, H). Models whose Q-Former reads the instruction
+        (`question_to_qformer`: InstructBLIP and ours) read `questions` here, one per row: the question, or the
+        caption prompt ("" or None: no instruction). Up to the Q-Former's position table: transformers'
+        InstructBLIP never cuts an instruction, so a shorter cut would change its answers."""
         if not self.model.config.question_to_qformer:
             return self.model.soft_prompt(feats)
         questions = list(questions) if questions is not None else [""] * feats.shape[0]
-        return self.model.soft_prompt(feats, self._qformer_text(questions))
+        longest = self.model.config.qformer.max_position_embeddings
+        return self.model.soft_prompt(feats, self._qformer_text(questions, longest))
+
+    @property
+    def question_template(self) -> str:
+        """How `ask` and `chat` put a question into the LLM prompt: the checkpoint's (InstructBLIP: "{}", the
+        instruction as it is), else the LLM family's BLIP-2 template (REFERENCE §3)."""
+        return self.model.config.question_template or vqa_template(self.is_encoder_decoder)
 
     def _soft_prompts(self, images: Sequence[ImageInput], questions: Sequence[str] | None = None) -> torch.Tensor:
         """Soft prompts for images, each encoded once; one image with several questions is expanded."""
@@ -236,7 +245,9 @@ class Blip2:
         self.check_prompts([prompt or ""], gen["max_new_tokens"], max_prompt_tokens)
         out: list[str] = []
         for chunk in _chunks(images, self.batch_size):
-            out += self._generate(self._soft_prompts(chunk), [prompt or ""] * len(chunk), gen)
+            # The caption prompt is the instruction: a Q-Former that reads one reads it too (InstructBLIP).
+            texts = [prompt or ""] * len(chunk)
+            out += self._generate(self._soft_prompts(chunk, texts), texts, gen)
         return out
 
     def ask(
@@ -255,7 +266,7 @@ class Blip2:
         images, questions = _as_list(images), _as_list(questions)
         if len(images) != 1 and len(images) != len(questions):
             raise ValueError(f"got {len(images)} images and {len(questions)} questions: give one image, or one per question")
-        template = template or vqa_template(self.is_encoder_decoder)
+        template = template or self.question_template
         gen = self._generation(VQA_DEFAULTS, generation)
         prompts = [template.format(q) for q in questions]
         self.check_prompts(prompts, gen["max_new_tokens"], max_prompt_tokens)
@@ -291,9 +302,9 @@ class Blip2:
         return ChatSession(self, self.encode_images([image]), gen, max_prompt_tokens=cap)
 
     # -- matching and retrieval ---------------------------------------------------------------------------
-    def _qformer_text(self, texts: Sequence[str]):
-        # Long texts (a long chat question with question_to_qformer) are cut, never past the position table.
-        longest = min(QFORMER_MAX_TEXT, self.model.config.qformer.max_position_embeddings)
+    def _qformer_text(self, texts: Sequence[str], longest: int = QFORMER_MAX_TEXT):
+        # Long texts are cut at `longest` tokens (retrieval's 35 by default), never past the position table.
+        longest = min(longest, self.model.config.qformer.max_position_embeddings)
         tokens = tokenize_qformer(self.qformer_tokenizer, list(texts), longest)
         return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
 
@@ -445,7 +456,7 @@ class ChatSession:
 
     def _fit(self, question: str) -> str:
         owner = self.owner
-        template = vqa_template(owner.is_encoder_decoder)
+        template = owner.question_template
         max_new = self.generation.get("max_new_tokens", 20)  # 20: transformers' default when unset
         args = (owner.model.num_queries, max_new, owner.llm_context, owner.is_encoder_decoder)
         # A turn that cannot fit even alone is refused (with the counts) before it costs the conversation

@@ -153,15 +153,23 @@ class Blip2Config:
     stage1_heads: bool = False
     itg_head: bool = False
     image_token_index: int | None = None  # HF >= 4.47 places the queries on these placeholder tokens
-    # The question is also fed to the Q-Former, so the queries read it with the image before becoming the
-    # soft prompt (REFERENCE §5: BLIP-2's VQA fine-tune; InstructBLIP's instruction-aware queries).
+    # The instruction (the question; a caption prompt) is also fed to the Q-Former: its tokens join the queries
+    # in self-attention under the bi-directional mask and only the queries' outputs become the soft prompt.
+    # This is InstructBLIP's instruction-aware Q-Former (Dai et al. 2023, §2.2) and BLIP-2's VQA fine-tune
+    # (REFERENCE §5): one mechanism, `Blip2Model.query_with_text`.
     question_to_qformer: bool = False
+    # How `ask`, `chat` and the server put a question into the LLM's text prompt; "{}" marks the question.
+    # None: the LLM family's BLIP-2 template (REFERENCE §3, "Question: {} Answer:"); InstructBLIP checkpoints
+    # use "{}", the instruction as it is (transformers' InstructBlipProcessor feeds the same text to both).
+    question_template: str | None = None
 
     def __post_init__(self) -> None:
         if (self.stage1_heads or self.itg_head or self.question_to_qformer) and not self.qformer.use_text_input:
             raise ConfigError(
                 "stage-1 heads and question_to_qformer need qformer.use_text_input=True (text embeddings, text FFN)"
             )
+        if self.question_template is not None and self.question_template.count("{}") != 1:
+            raise ConfigError(f"question_template must hold one {{}} for the question, got {self.question_template!r}")
         if self.num_query_tokens < 1:
             raise ConfigError("num_query_tokens must be >= 1")
 

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from blip2.data.text import chat_prompt, vqa_template
+from blip2.data.text import chat_prompt
 from blip2.inference.pipeline import CAPTION_DEFAULTS, VQA_DEFAULTS
 from blip2.models.losses import max_over_queries
 from blip2.serve import schemas
@@ -310,7 +310,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if body.n not in (None, 1):
             raise ApiError(400, f"n must be 1 (one completion per request), got {body.n}", param="n")
         image_url, history, question, system = conversation(body.messages)
-        template = vqa_template(blip2.is_encoder_decoder)
+        template = blip2.question_template  # InstructBLIP: the instruction as it is
         prompt = chat_prompt(history, question, template) if (question or history) else ""
         if system:
             prompt = f"{system} {prompt}".strip()
@@ -467,7 +467,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         gen = generation(CAPTION_DEFAULTS, body.settings())
         img = await one_image(body, uploads)
         await check_prompts([prompt], gen["max_new_tokens"])
-        job = GenerationJob(asyncio.get_running_loop(), await image_ref(img), prompt, "", gen)
+        # The caption prompt is the instruction: a Q-Former that reads one reads it too (as Blip2.caption).
+        job = GenerationJob(asyncio.get_running_loop(), await image_ref(img), prompt, prompt, gen)
         t0 = time.perf_counter()
         (result,) = await run(request, [job])
         return {"caption": result.text, "finish_reason": _finish(result), "usage": usage([result]),
@@ -478,8 +479,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         authorize(request)
         body, uploads = await parse(request, schemas.AskRequest, files=("image",))
         need_llm("/v1/ask")
-        template = vqa_template(blip2.is_encoder_decoder)
-        prompts = [template.format(q) for q in body.questions]
+        prompts = [blip2.question_template.format(q) for q in body.questions]
         gen = generation(VQA_DEFAULTS, body.settings())
         img = await one_image(body, uploads)
         await check_prompts(prompts, gen["max_new_tokens"])
