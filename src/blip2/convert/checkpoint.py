@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from blip2.convert import instructblip
 from blip2.convert.hf import config_from_hf, config_to_hf, image_config_to_preprocessor
 from blip2.models.blip2 import Blip2Model
+from blip2.models.language import lora
 from blip2.models.config import Blip2Config, VisionConfig
 
 WEIGHTS = "model.safetensors"
@@ -191,6 +192,8 @@ def load_model(
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{folder}/config.json is not a BLIP-2 config we can read: {err}") from None
     model = build_model(cfg, instructblip.state_from_folder(hf_config, read_state_dict(folder)))
+    if (folder / lora.ADAPTER_DIR).is_dir():  # LoRA adapters trained on the LLM: merged in (models/language/lora.py)
+        lora.load_into_model(model, folder / lora.ADAPTER_DIR)
     model = cast(model, dtype)
     if device is not None:
         model.to(device)

@@ -11,6 +11,11 @@ trains with `prompt` ("" for pretraining, "a photo of" for caption fine-tuning; 
 each caption into prefix and suffix); VQA data trains on `prompt.format(question)` -> the most frequent
 answer, with the paper's template by default; a VQA record with an empty question is a caption (no template).
 
+LoRA (`lora.r` > 0, models/language/lora.py): peft adapters on the frozen LLM's attention projections train
+with the bridge; checkpoints keep them in peft's format under `adapter/`, and `final/` either keeps them beside
+the bridge (`blip2.load` merges them into the LLM) or, with `lora.merge`, holds the LLM with them merged.
+`lora.quantize: 4bit` is QLoRA: the frozen LLM in NF4 through bitsandbytes, on CUDA only.
+
 The model comes from (a) `init_from` a stage-1 checkpoint plus `language` (an LLM config: its Q-Former,
 queries and ln_vision are taken, the LLM and a fresh projection added), (b) `init_from` a stage-2
 checkpoint (continue training), or (c) `model`, a whole Blip2Config (from scratch). One script, top to
@@ -40,6 +45,7 @@ from blip2.data.text import chat_prompt, vqa_template
 from blip2.data.webdataset import check_shards, webdataset_loader
 from blip2.models.blip2 import Blip2Model
 from blip2.models.config import Blip2Config, ConfigError as ModelConfigError, LanguageConfig
+from blip2.models.language import lora
 from blip2.training import checkpoint as ckpt
 from blip2.training.config import ConfigError, parse_args, read_yaml, resolve_path, to_dict
 from blip2.training.distributed import (
@@ -64,7 +70,7 @@ from blip2.training.loop import (
 )
 from blip2.training.metrics import MetricsLogger, plot_losses, read_metrics
 from blip2.training.optim import build_optimizer, build_scheduler
-from blip2.training.options import TrainConfig
+from blip2.training.options import LoraOptions, TrainConfig
 from blip2.eval.validation import build_validator
 from blip2.training.sampler import make_loader, micro_batches
 
@@ -93,6 +99,7 @@ class Stage2Config(TrainConfig):
     llm_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     lr: float = 1e-4
     min_lr: float = 5e-5  # paper: stage-2 minimum lr 5e-5 (REFERENCE §5)
+    lora: LoraOptions = dataclasses.field(default_factory=LoraOptions)  # off unless lora.r > 0
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -152,6 +159,7 @@ def check_config(cfg: Stage2Config) -> None:
         raise ConfigError("set data.path: the annotation file to train on")
     if cfg.grad_accum < 1 or cfg.steps < 1:
         raise ConfigError("steps and grad_accum must be at least 1")
+    check_lora(cfg)
 
 
 def build_model(cfg: Stage2Config) -> tuple[Blip2Model, Path | None]:
@@ -228,10 +236,13 @@ class Stage2Objective(nn.Module):
     def __init__(self, model: Blip2Model):
         super().__init__()
         self.model = model
+        self.lora = lora.has_adapters(model.language_model)
 
     def forward(self, pixels, input_ids, attention_mask, labels, decoder_attention_mask=None,
                 qformer_ids=None, qformer_mask=None) -> torch.Tensor:
         # Pixels (B, 3, S, S) run the frozen tower; cached frozen features (B, N, Dv) skip it.
+        if self.lora:  # the frozen LLM stays in eval mode; its adapters' dropout follows ours
+            lora.set_adapter_dropout(self.model.language_model, self.training)
         feats = self.model.image_features_from_cache(pixels) if pixels.ndim == 3 else self.model.encode_image(pixels)  # (B, N, Dv)
         kw = {} if decoder_attention_mask is None else {"decoder_attention_mask": decoder_attention_mask}
         qtext = (qformer_ids, qformer_mask) if qformer_ids is not None else None
@@ -245,6 +256,50 @@ def llm_dtype(cfg: Stage2Config, device: torch.device, reloaded: bool) -> torch.
     if name == "auto":
         name = cfg.precision if device.type == "cuda" and reloaded else "fp32"
     return PRECISIONS[name]
+
+
+def check_lora(cfg: Stage2Config, reloaded: bool | None = None) -> None:
+    """LoRA settings that cannot work: from the config alone (reloaded None), then knowing whether the LLM is
+    read from `language.pretrained` at every load."""
+    opts = cfg.lora
+    if opts.r < 0:
+        raise ConfigError(f"lora.r must be 0 (off) or a positive rank, got {opts.r}")
+    if opts.r == 0 and (opts.quantize != "none" or opts.merge):
+        raise ConfigError("lora.quantize and lora.merge need adapters: set lora.r (e.g. lora.r=8)")
+    if opts.quantize == "4bit" and opts.merge:
+        raise ConfigError("lora.merge cannot fold adapters into a 4-bit LLM exactly: export the adapters "
+                          "(lora.merge=false); blip2.load merges them into the full-precision LLM")
+    if opts.quantize == "4bit" and reloaded is False:
+        raise ConfigError("lora.quantize: 4bit needs an LLM read from `language.pretrained`: an LLM stored in "
+                          "the checkpoint would have to be saved back quantized")
+
+
+def add_lora(model: Blip2Model, cfg: Stage2Config, device: torch.device) -> None:
+    """Quantize the frozen LLM (QLoRA) if asked, then inject fresh adapters (models/language/lora.py)."""
+    llm = model.language_model
+    if cfg.lora.quantize == "4bit":
+        compute = PRECISIONS[cfg.precision] if cfg.precision != "fp32" else torch.bfloat16
+        lora.quantize_4bit(llm, device, compute)
+    config = lora.lora_config(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
+                              base_model=model.config.language.pretrained)
+    lora.add_adapters(llm, config)
+    n = sum(p.numel() for name, p in llm.named_parameters() if lora.is_adapter_param(name))
+    log.info("LoRA r=%d alpha=%g on %s: %d adapter parameters", cfg.lora.r, cfg.lora.alpha,
+             sorted(config.target_modules), n)
+
+
+def export(model: Blip2Model, cfg: Stage2Config, folder: Path, tokenizer) -> Path:
+    """output_dir/final: with LoRA, the adapters beside the bridge (peft's format under adapter/), or merged into
+    the LLM (`lora.merge`; the LLM is then stored in the folder)."""
+    qtok = qformer_tokenizer(cfg, model)
+    if not lora.has_adapters(model.language_model):
+        return save_model(model, folder, tokenizer=tokenizer, qformer_tokenizer=qtok)
+    if cfg.lora.merge:
+        return save_model(lora.merge_into_model(model), folder, tokenizer=tokenizer, qformer_tokenizer=qtok)
+    with lora.adapters_detached(model.language_model):
+        save_model(model, folder, tokenizer=tokenizer, qformer_tokenizer=qtok)
+    lora.save_adapters(model.language_model, folder / lora.ADAPTER_DIR)
+    return folder
 
 
 def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_decoder: bool, micro: int,
@@ -327,13 +382,24 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     model.to(env.device).train()
     reloaded = model.config.language is not None and model.config.language.pretrained is not None
     half = llm_dtype(cfg, env.device, reloaded)
-    if half is not None and hasattr(model, "language_model"):
+    check_lora(cfg, reloaded)
+    if half is not None and hasattr(model, "language_model") and cfg.lora.quantize == "none":
         model.language_model.to(half)  # frozen: no optimizer state, no master weights needed
+    if cfg.lora.r:  # before the optimizer, in the same order on every run: resume finds the same parameters
+        add_lora(model, cfg, env.device)
     step, micro, skipped = 0, 0, 0
     state = None
     if resume is not None:
         weights, state = ckpt.load_checkpoint(resume)
-        ckpt.load_trainable(model, weights)
+        ckpt.load_trainable(model, weights, skip=lora.is_adapter_param)
+        adapters = resume / lora.ADAPTER_DIR
+        if cfg.lora.r and not adapters.is_dir():
+            raise ConfigError(f"resume: {resume} holds no LoRA adapters but lora.r={cfg.lora.r}: resume with the "
+                              "run's own settings")
+        if adapters.is_dir():
+            if not cfg.lora.r:
+                raise ConfigError(f"resume: {resume} holds LoRA adapters: resume with the run's lora settings")
+            lora.load_adapters(model.language_model, adapters, inject=False)
         step, micro = int(state["step"]), int(state["micro_batches"])
         skipped = int(state.get("skipped_images", 0)) if env.is_main else 0  # a global count: summed over ranks
     objective = wrap_ddp(Stage2Objective(model), env, cfg.find_unused_parameters)
@@ -350,7 +416,11 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
         st = training_state(env, optimizer, scheduler, scaler, micro, {}, extra)
         path = out / "checkpoints" / ckpt.checkpoint_name(at)
         if env.is_main:
-            path = ckpt.save_checkpoint(out / "checkpoints", at, ckpt.trainable_state(model), st, cfg.keep_last)
+            adapters = None
+            if cfg.lora.r:  # the adapters in peft's format, under the checkpoint's manifest
+                adapters = lambda folder: lora.save_adapters(model.language_model, folder / lora.ADAPTER_DIR)  # noqa: E731
+            path = ckpt.save_checkpoint(out / "checkpoints", at, ckpt.trainable_state(model, skip=lora.is_adapter_param),
+                                        st, cfg.keep_last, extra=adapters)
         barrier(env)
         return path
 
@@ -425,8 +495,7 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
     logger.close()
     if env.is_main:
         if cfg.export and step == cfg.steps:
-            result.final_dir = save_model(model, out / "final", tokenizer=tokenizer,
-                                          qformer_tokenizer=qformer_tokenizer(cfg, model))
+            result.final_dir = export(model, cfg, out / "final", tokenizer)
         if cfg.plot and logger.path.exists():
             result.plot = plot_losses(read_metrics(logger.path), out / "loss.png", title="stage 2")
     barrier(env)
@@ -440,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(Stage2Config, argv, prog="blip2 train stage2", description=__doc__.split("\n\n")[0])
         result = run(cfg)
     except (ConfigError, ModelConfigError, DatasetError, CheckpointError, ckpt.CheckpointDamagedError,
-            FileNotFoundError) as err:
+            lora.LoraError, FileNotFoundError) as err:
         print(f"blip2 train stage2: error: {err}", file=sys.stderr)
         return 1
     if result.losses:

@@ -4,6 +4,7 @@ One checkpoint is a folder `step_000123/` under the run's `checkpoints/`:
     trainable.safetensors   the trainable weights (the frozen parts are rebuilt from the config)
     state.pt                optimizer, scheduler, grad scaler, step, data position, every rank's RNG
                             states (python, numpy, torch CPU/CUDA, plus named generators), the config
+    adapter/                (LoRA runs) the LLM's adapters in peft's format, written by the recipe's `extra`
     manifest.json           every file's size and sha256, written last
 Written atomically: the files go into a temporary folder `.step_000123.tmp-PID`, are flushed and fsynced, and
 the folder is then renamed into place with os.replace, so a crash leaves either the old set of checkpoints or
@@ -32,6 +33,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -87,9 +89,11 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] 
 # ------------------------------------------------------------------------------------------ the folders
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters that train (requires_grad), detached, contiguous, on the CPU."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: torch.nn.Module, skip: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Parameters that train (requires_grad), detached, contiguous, on the CPU; `skip(name)` leaves some out
+    (LoRA adapters, which the recipe stores in their own format)."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
+            if p.requires_grad and not (skip is not None and skip(n))}
 
 
 def checkpoint_name(step: int) -> str:
@@ -143,12 +147,15 @@ def verify_checkpoint(folder: str | os.PathLike, full: bool = True) -> str | Non
         return reason
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
+        # every file it lists (WEIGHTS and STATE always; a LoRA run's adapter/ files too)
         expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"]))
-                    for name in (WEIGHTS, STATE)}
+                    for name in sorted({WEIGHTS, STATE} | set(files))}
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable {MANIFEST} ({type(err).__name__}: {err})"
     try:
         for name, (size, _) in expected.items():
+            if not (folder / name).is_file():
+                return f"missing {name}"
             actual = (folder / name).stat().st_size
             if actual != size:
                 return f"{name} has {actual} bytes, its manifest says {size} (truncated?)"
@@ -203,8 +210,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_manifest(folder: Path, step: int) -> None:
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-             for name in (WEIGHTS, STATE)}
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
     with open(folder / MANIFEST, "w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
         f.flush()
@@ -225,9 +232,10 @@ def _delete(folder: Path) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, weights: dict[str, torch.Tensor],
-                    state: dict[str, Any], keep_last: int = 2) -> Path:
+                    state: dict[str, Any], keep_last: int = 2, extra: Callable[[Path], Any] | None = None) -> Path:
     """Write `step_{step}/` atomically under `directory`, then delete the step folders older than the newest
-    `keep_last` intact ones up to `step` (damaged ones among them too)."""
+    `keep_last` intact ones up to `step` (damaged ones among them too). `extra(folder)` writes more files into
+    the folder before the manifest is made (which then lists them too), e.g. LoRA adapters in peft's format."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / checkpoint_name(step)
@@ -242,6 +250,11 @@ def save_checkpoint(directory: str | os.PathLike, step: int, weights: dict[str, 
             f.flush()
             os.fsync(f.fileno())
         _fsync_file(tmp / WEIGHTS)
+        if extra is not None:
+            extra(tmp)
+            for path in tmp.rglob("*"):
+                if path.is_file() and path.name not in (WEIGHTS, STATE):
+                    _fsync_file(path)
         _write_manifest(tmp, step)  # last: it vouches for files already on disk
         _fsync_dir(tmp)
         if final.exists():  # saving the same step again (a resumed run that ends where it started)
@@ -303,9 +316,11 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         ) from err
 
 
-def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy `weights` into the model's trainable parameters; every one must be there, nothing extra."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                   skip: Callable[[str], bool] | None = None) -> None:
+    """Copy `weights` into the model's trainable parameters; every one must be there, nothing extra. `skip(name)`:
+    parameters restored otherwise (as `trainable_state`'s)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and not (skip is not None and skip(n))}
     missing = sorted(set(params) - set(weights))
     extra = sorted(set(weights) - set(params))
     if missing or extra:

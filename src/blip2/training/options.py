@@ -39,6 +39,19 @@ class ValConfig:
 
 
 @dataclass
+class LoraOptions:
+    """LoRA adapters on the frozen LLM (peft; models/language/lora.py): off while r is 0. With them on, only the
+    adapters and the bridge train; checkpoints keep the adapters in peft's format under `adapter/`."""
+
+    r: int = 0  # adapter rank; 0 = no LoRA (the LLM stays wholly frozen, as in BLIP-2)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.05  # on the adapters' input (the frozen LLM itself keeps no dropout)
+    targets: list[str] = field(default_factory=list)  # module names; [] = the family's: q_proj/v_proj (OPT, Llama), q/v (T5)
+    merge: bool = False  # the export folds the adapters into the LLM (a plain checkpoint, loads without peft)
+    quantize: Literal["none", "4bit"] = "none"  # 4bit = QLoRA: the frozen LLM in NF4 (CUDA + bitsandbytes)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/blip2"
     data: DataConfig = field(default_factory=DataConfig)
