@@ -199,3 +199,26 @@ def test_lora_learns_faster_than_the_bridge_alone(tmp_path, stage2_init):
     end = {name: sum(v[-5:]) / 5 for name, v in losses.items()}
     print(f"loss after 40 steps: LoRA {end['lora']:.3f}, bridge only {end['bridge']:.3f}")
     assert end["lora"] < 0.75 * end["bridge"], end
+
+
+def test_lora_in_the_caption_finetune_from_a_transformers_checkpoint(tmp_path):
+    """`blip2 train caption lora.r=4` on a transformers Blip2ForConditionalGeneration folder (LLM stored inline,
+    like Salesforce/blip2-opt-2.7b): the export stores the unchanged LLM plus the adapters; loading merges them."""
+    from blip2.recipes import run_recipe
+    from test_finetune import write_coco
+
+    hf = tmp_path / "hf"
+    tm.save_generation_model(hf, "opt")
+    out = tmp_path / "caption"
+    assert run_recipe("caption", [f"output_dir={out}", f"init_from={hf}", f"data.path={write_coco(tmp_path)}",
+                                  "steps=2", "batch_size=4", "warmup_steps=0", "lr=1e-2", "save_every=0",
+                                  "device=cpu", "progress=false", "plot=false", "lora.r=4", "lora.targets=[q_proj]"]) == 0
+    assert peft.LoraConfig.from_pretrained(str(out / "final" / "adapter")).target_modules == {"q_proj"}
+    start, _ = load_model(hf)
+    stored = load_file(str(out / "final" / "model.safetensors"))
+    llm = [k for k in stored if k.startswith("language_model.")]
+    assert llm and all(torch.equal(stored[k], start.state_dict()[k]) for k in llm)  # the frozen LLM, unchanged
+    loaded, _ = load_model(out / "final")
+    key = "language_model.model.decoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(loaded.state_dict()[key], start.state_dict()[key])  # merged in at load
+    assert torch.equal(loaded.state_dict()[key.replace("q_proj", "k_proj")], start.state_dict()[key.replace("q_proj", "k_proj")])

@@ -1,7 +1,7 @@
 """`make default-model`: train the embedded default model with our own recipes, from PyPI packages only.
 
     python -m blip2.recipes.default_model [--work runs/default] [--device cuda] [--resume] [--stage2 steps=N ...]
-        [--views 2] [--rendered 4000] [--limit-images N]
+        [--views 2] [--rendered 4000] [--limit-images N] [--instructions]
 
 1. data:   the easy-VQA *train* split only (never test), each image with 2 augmented views (new size,
            stretch, small rotation, position, pale background, hard edges half the time; the shape's colour
@@ -15,7 +15,9 @@
            augmentation is in the files).
 3. stage 1 (configs/default_stage1.yaml): ITC + ITM + ITG; Q-Former initialised from all-MiniLM-L6-v2.
 4. stage 2 (configs/default_stage2.yaml): SmolLM2-135M-Instruct (GGUF) frozen; the question also feeds the
-           Q-Former (`question_to_qformer`), which trains with the projection.
+           Q-Former (`question_to_qformer`), which trains with the projection. `--instructions` makes it an
+           instruction tuning (configs/instruct_stage2.yaml's switch): each caption, question and chat turn
+           phrased by a template drawn per sample (data/instructions.py) instead of "Question: {} Answer:".
 5. re-fit (configs/default_refit.yaml): stage 1 on the captions again, training only the ITC/ITM/ITG heads,
            so itm/retrieve match the Q-Former stage 2 left.
 6. export: the trainable weights (float16) + config + tokenizers into src/blip2/default/.
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"images of our own renderer added to the training data (default {RENDERED})")
     parser.add_argument("--limit-images", type=int, default=None, metavar="N",
                         help="only the first N easy-VQA train images (a quick trial of the pipeline)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="stage 2 as instruction tuning: several templates per task, drawn per sample")
     for stage in ("stage1", "stage2", "refit"):
         parser.add_argument(f"--{stage}", nargs="*", default=[], metavar="KEY=VALUE",
                             help=f"config overrides for {stage} (e.g. batch_size=64 lr=2e-4)")
@@ -224,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only not in (None, name):
             continue
         init = [f"init_from={work / start / 'final'}"] if start else []
+        if name == "stage2" and args.instructions:  # the switch of configs/instruct_stage2.yaml
+            init += ["instructions=true", "prompt=null", "data.max_text_len=48"]
         code = run_recipe(recipe, ["--config", str(CONFIGS / config), *resume, *common, f"data.path={data}", *init,
                                    f"output_dir={work / name}", *getattr(args, name)])
         if code:

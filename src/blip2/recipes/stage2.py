@@ -11,6 +11,9 @@ trains with `prompt` ("" for pretraining, "a photo of" for caption fine-tuning; 
 each caption into prefix and suffix); VQA data trains on `prompt.format(question)` -> the most frequent
 answer, with the paper's template by default; a VQA record with an empty question is a caption (no template).
 
+Instruction tuning (`instructions: true`, configs/instruct_stage2.yaml): each record is phrased by a template
+drawn per sample (data/instructions.py) for its task, caption, VQA or chat turn, instead of `prompt`.
+
 LoRA (`lora.r` > 0, models/language/lora.py): peft adapters on the frozen LLM's attention projections train
 with the bridge; checkpoints keep them in peft's format under `adapter/`, and `final/` either keeps them beside
 the bridge (`blip2.load` merges them into the LLM) or, with `lora.merge`, holds the LLM with them merged.
@@ -41,6 +44,7 @@ from blip2.convert.checkpoint import CheckpointError, init_model, load_model, sa
 from blip2.data.collate import LMBatch, decoder_only_batch, encoder_decoder_batch, split_caption
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.datasets import DatasetError, build_dataset, check_images, collate, read_records
+from blip2.data.instructions import instruction_batch
 from blip2.data.text import chat_prompt, vqa_template
 from blip2.data.webdataset import check_shards, webdataset_loader
 from blip2.models.blip2 import Blip2Model
@@ -100,6 +104,9 @@ class Stage2Config(TrainConfig):
     lr: float = 1e-4
     min_lr: float = 5e-5  # paper: stage-2 minimum lr 5e-5 (REFERENCE §5)
     lora: LoraOptions = dataclasses.field(default_factory=LoraOptions)  # off unless lora.r > 0
+    # Instruction tuning: phrase every record with a template of its task (caption / VQA / chat turn) drawn per
+    # sample from data/instructions.py, instead of `prompt` (which must then be unset).
+    instructions: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -160,6 +167,9 @@ def check_config(cfg: Stage2Config) -> None:
     if cfg.grad_accum < 1 or cfg.steps < 1:
         raise ConfigError("steps and grad_accum must be at least 1")
     check_lora(cfg)
+    if cfg.instructions and cfg.prompt is not None:
+        raise ConfigError("instructions: true phrases every record with its own templates: unset `prompt` "
+                          "(prompt=null)")
 
 
 def build_model(cfg: Stage2Config) -> tuple[Blip2Model, Path | None]:
@@ -306,7 +316,9 @@ def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_deco
                eos_token_id: int | None = None) -> LMBatch:
     """The batch's texts -> LLM ids and labels (see the module docstring and data/collate.py)."""
     n = len(batch["index"])
-    if "question" in batch:  # VQA
+    if cfg.instructions:  # one template per sample, drawn from (seed, micro-batch, index): resume draws the same
+        prompts, targets, _ = instruction_batch(batch, cfg.seed, micro)
+    elif "question" in batch:  # VQA
         template = cfg.prompt if cfg.prompt is not None else vqa_template(encoder_decoder)
         if "{}" not in template:
             raise ConfigError(f"VQA data needs a prompt template with {{}} for the question, got {template!r}")
