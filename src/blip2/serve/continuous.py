@@ -53,6 +53,8 @@ class _Row:
     generator: torch.Generator | None  # None: greedy, or sampling from the global RNG
     embeds: torch.Tensor | None  # (T, H) until prefilled
     tokens: list[int] = field(default_factory=list)
+    prefix: Hashable | None = None  # rows admitted together with the same key share their first prefix_len
+    prefix_len: int = 0
 
 
 class ContinuousDecoder:
@@ -106,15 +108,22 @@ class ContinuousDecoder:
         """Requests added but not yet admitted (the batch was full)."""
         return len(self._waiting)
 
-    def add(self, key: Hashable, embeds: torch.Tensor, settings: dict[str, Any]) -> None:
+    def add(self, key: Hashable, embeds: torch.Tensor, settings: dict[str, Any],
+            prefix: Hashable | None = None, prefix_len: int = 0) -> None:
         """Queue a request. embeds (T, H): its [soft prompt; prompt token embeddings], unpadded. settings:
         what `generate` takes (max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-        repetition_penalty, ...) plus an optional `seed` for sampling. Unsupported settings fail here."""
+        repetition_penalty, ...) plus an optional `seed` for sampling. Unsupported settings fail here.
+        prefix: a key saying that the first `prefix_len` embeddings equal those of every other request with
+        that key (the same image's soft prompt): requests admitted together then prefill that part once."""
         if any(row.key == key for row in (*self._rows, *self._waiting)):
             raise ValueError(f"a request with key {key!r} is already decoding")
         if embeds.dim() != 2 or embeds.shape[0] == 0 or embeds.shape[1] != self._width:
             raise ValueError(f"embeds must be (T >= 1, {self._width}), got {tuple(embeds.shape)}")
-        self._waiting.append(self._plan(key, embeds, settings))
+        if prefix is not None and not 0 < prefix_len < embeds.shape[0]:
+            raise ValueError(f"prefix_len must be in [1, {embeds.shape[0] - 1}] (the text needs a position), got {prefix_len}")
+        row = self._plan(key, embeds, settings)
+        row.prefix, row.prefix_len = (prefix, prefix_len) if prefix is not None else (None, 0)
+        self._waiting.append(row)
 
     def cancel(self, key: Hashable) -> None:
         """Drop a request, queued or running; an unknown (e.g. already finished) key is ignored."""
@@ -190,17 +199,10 @@ class ContinuousDecoder:
         embeds = [row.embeds.to(device, self.lm.dtype) for row in rows]  # each (T_i, H)
         for row in rows:
             row.embeds = None
-        length = max(e.shape[0] for e in embeds)
-        batch = torch.stack([F.pad(e, (0, 0, length - e.shape[0], 0)) for e in embeds])  # (n, L, H), left-padded
-        mask = torch.stack([_left_pad(torch.ones(1, e.shape[0], dtype=torch.long, device=device), length)[0]
-                            for e in embeds])  # (n, L)
-        cache = DynamicCache(config=self.lm.config)
-        kw = dict(self._forward_kw)
-        if len(rows) > 1:
-            kw["attention_mask"] = mask
-        if self._takes_positions:
-            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): padding never shifts a position
-        logits = self.lm(inputs_embeds=batch, cache=cache, **kw).logits[:, -1]  # (n, V)
+        if self._shares_prefixes(rows):
+            cache, mask, logits = self._prefill_shared(rows, embeds)
+        else:
+            cache, mask, logits = self._prefill(embeds)
         chosen = self._choose(rows, logits)
         keep = [i for i, (_, finished) in enumerate(chosen) if not finished]
         if keep:
@@ -208,6 +210,56 @@ class ContinuousDecoder:
                 cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=device))
             self._join([rows[i] for i in keep], cache, mask[keep], [chosen[i][0] for i in keep])
         return [(row.key, token, finished) for row, (token, finished) in zip(rows, chosen)]
+
+    def _prefill(self, embeds: list[torch.Tensor]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One left-padded pass over whole rows: their cache, mask (n, L) and last logits (n, V)."""
+        device = self.lm.device
+        length = max(e.shape[0] for e in embeds)
+        batch = torch.stack([F.pad(e, (0, 0, length - e.shape[0], 0)) for e in embeds])  # (n, L, H), left-padded
+        mask = torch.stack([_left_pad(torch.ones(1, e.shape[0], dtype=torch.long, device=device), length)[0]
+                            for e in embeds])  # (n, L)
+        cache = DynamicCache(config=self.lm.config)
+        kw = dict(self._forward_kw)
+        if len(embeds) > 1:
+            kw["attention_mask"] = mask
+        if self._takes_positions:
+            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): padding never shifts a position
+        logits = self.lm(inputs_embeds=batch, cache=cache, **kw).logits[:, -1]  # (n, V)
+        return cache, mask, logits
+
+    def _shares_prefixes(self, rows: list[_Row]) -> bool:
+        """Whether some rows of this group share a prefix (and the group can be prefilled in two passes)."""
+        keys = [row.prefix for row in rows]
+        if not self._takes_positions or None in keys or len(set(keys)) == len(keys):
+            return False
+        return len({row.prefix_len for row in rows}) == 1
+
+    def _prefill_shared(
+        self, rows: list[_Row], embeds: list[torch.Tensor]
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Each distinct prefix (an image's soft prompt, Q positions) in one pass of U rows, its keys/values
+        copied to the rows that share it, then the texts left-padded AFTER the prefix in a second pass: the pads
+        sit between prefix and text, masked, and the positions come from the mask, so every row's tokens are
+        those of its one-pass prefill (as `generate_shared` in models/language/causal.py)."""
+        device = self.lm.device
+        queries = rows[0].prefix_len
+        keys = list(dict.fromkeys(row.prefix for row in rows))
+        firsts = [next(e for row, e in zip(rows, embeds) if row.prefix == key) for key in keys]
+        cache = DynamicCache(config=self.lm.config)
+        positions = torch.arange(queries, device=device)[None].expand(len(keys), -1)
+        kw = {k: v for k, v in self._forward_kw.items() if k != "logits_to_keep"}
+        self.lm(inputs_embeds=torch.stack([e[:queries] for e in firsts]), cache=cache, position_ids=positions,
+                **kw, **({"logits_to_keep": 1} if "logits_to_keep" in self._forward_kw else {}))  # (U, Q)
+        cache.batch_select_indices(torch.tensor([keys.index(row.prefix) for row in rows], device=device))  # (n, Q)
+        texts = [e[queries:] for e in embeds]  # each (T_i - Q, H), T_i > Q (add checks)
+        length = max(t.shape[0] for t in texts)
+        batch = torch.stack([F.pad(t, (0, 0, length - t.shape[0], 0)) for t in texts])  # (n, L, H), left-padded
+        text_mask = torch.stack([_left_pad(torch.ones(1, t.shape[0], dtype=torch.long, device=device), length)[0]
+                                 for t in texts])  # (n, L)
+        mask = torch.cat([text_mask.new_ones(len(rows), queries), text_mask], dim=1)  # (n, Q+L)
+        positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, queries:]  # (n, L): pads never shift a position
+        out = self.lm(inputs_embeds=batch, attention_mask=mask, position_ids=positions, cache=cache, **self._forward_kw)
+        return cache, mask, out.logits[:, -1]
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, tokens: list[int]) -> None:
         """Append prefilled rows (their cache (n, h, T, d), mask (n, T)) to the running batch."""

@@ -11,7 +11,10 @@ Two ways to batch (DESIGN §4 "Serving"), both changing nothing but speed:
   left-padded with an attention mask exactly as `Blip2.caption`/`ask` batch a list. Sampling with a `seed`
   runs alone there, so the seed alone decides its tokens.
 Calls (matching, retrieval, embeddings) run between decode steps. Every image's features come from the cache
-when its content hash is there (`serve/cache.py`).
+when its content hash is there (`serve/cache.py`). Jobs about the same image (same content hash; e.g. the
+questions of one /v1/ask request) batched together share its soft prompt: the Q-Former runs once per image and,
+when the soft prompt does not read the question, the LLM prefills it once for all of them (and their beams),
+in both ways of batching (`generate_shared`, `ContinuousDecoder` prefixes).
 """
 
 from __future__ import annotations
@@ -294,16 +297,17 @@ class Engine:
             return
         b = self.blip2
         try:
-            feats = self.features([job.image for job in jobs])
-            soft = b.soft_prompts(feats, [job.question or "" for job in jobs])  # (B, Q, H)
+            soft, rows, shared = self._soft_prompts(jobs)  # (U, Q, H), each job's row
             lm = b.model.lm
-            for job, prefix in zip(jobs, soft):
+            for job, row in zip(jobs, rows.tolist()):
                 ids = b.tokenizer(job.prompt, return_tensors="pt")["input_ids"].to(b.device)  # (1, T)
-                embeds = torch.cat([prefix.to(lm.model.dtype), lm.embed(ids)[0]])  # (Q+T, H)
+                embeds = torch.cat([soft[row].to(lm.model.dtype), lm.embed(ids)[0]])  # (Q+T, H)
                 settings = {k: v for k, v in job.settings.items()}
                 if b.tokenizer.pad_token_id is not None:
                     settings.setdefault("pad_token_id", b.tokenizer.pad_token_id)
-                self.decoder.add(job, embeds, settings)
+                # Jobs about one image admitted together prefill its soft prompt once (continuous.py).
+                prefix = job.image.sha256 if shared else None
+                self.decoder.add(job, embeds, settings, prefix=prefix, prefix_len=soft.shape[1])
                 self._rows[job] = _RowText(b, job, ids.shape[1] + b.model.num_queries)
         except Exception as err:  # noqa: BLE001 - these jobs get the error, the running rows go on
             log.exception("admitting %d requests failed", len(jobs))
@@ -337,6 +341,19 @@ class Engine:
                 self.decoder.cancel(job)
             job.fail(error)
         self._rows.clear()
+
+    def _soft_prompts(self, jobs: Sequence[GenerationJob]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Soft prompts (U, Q, H), the row of each job (B,), and whether rows are shared. A soft prompt that
+        does not read the question depends on the image alone: one per distinct image (content hash), which
+        the LLM can then prefill once for all its jobs. Otherwise one per job."""
+        b = self.blip2
+        if b.model.config.question_to_qformer:
+            soft = b.soft_prompts(self.features([job.image for job in jobs]), [job.question or "" for job in jobs])
+            return soft, torch.arange(len(jobs)), False
+        refs = {job.image.sha256: job.image for job in jobs}  # distinct images, in order
+        order = list(refs)
+        soft = b.soft_prompts(self.features(list(refs.values())))  # (U, Q, H): one Q-Former pass per image
+        return soft, torch.tensor([order.index(job.image.sha256) for job in jobs]), True
 
     def features(self, images: Sequence[ImageRef]) -> torch.Tensor:
         """(B, N, Dv) for the images, the cache misses encoded in one batch (worker thread only)."""
@@ -380,16 +397,14 @@ class Engine:
         b = self.blip2
         settings = dict(batch[0].settings)
         seed = settings.pop("seed", None)
-        feats = self.features([job.image for job in batch])
-        questions = [job.question or "" for job in batch]
-        soft = b.soft_prompts(feats, questions)  # (B, Q, H): the Q-Former runs once for the batch
+        soft, rows, shared = self._soft_prompts(batch)  # the Q-Former runs once for the batch
         tokens = tokenize_prompts(b.tokenizer, [job.prompt for job in batch], left_pad=not b.is_encoder_decoder)
         prompt_counts = tokens.attention_mask.sum(1).tolist()
         beams = settings.get("num_beams", 1)
         tracker = _Tracker([_RowText(b, job, n + b.model.num_queries) for job, n in zip(batch, prompt_counts)], beams)
         kwargs: dict[str, Any] = dict(
             input_ids=tokens.input_ids.to(b.device), attention_mask=tokens.attention_mask.to(b.device),
-            soft_prompt=soft, stopping_criteria=StoppingCriteriaList([tracker]), **settings,
+            stopping_criteria=StoppingCriteriaList([tracker]), **settings,
         )
         if beams == 1:
             kwargs["streamer"] = tracker  # transformers streams greedy and sampled steps, not beams
@@ -397,7 +412,12 @@ class Engine:
             kwargs.setdefault("pad_token_id", b.tokenizer.pad_token_id)
         if seed is not None:
             torch.manual_seed(seed)  # the worker owns the global RNG; a seeded job runs alone
-        ids = b.model.generate(**kwargs)
+        if shared and not b.is_encoder_decoder:
+            # Each image's soft prompt is prefilled once, for all its jobs and beams (causal.py generate_shared).
+            ids = b.model.lm.generate_shared(soft, rows.to(b.device), kwargs.pop("input_ids"),
+                                             kwargs.pop("attention_mask"), **kwargs)
+        else:
+            ids = b.model.generate(soft_prompt=soft[rows.to(soft.device)], **kwargs)
         out = []
         for i, job in enumerate(batch):
             row = tracker.rows[i]
