@@ -10,11 +10,13 @@ if TYPE_CHECKING:
     from blip2.inference.pipeline import Blip2
 
 
-def load(name_or_path: Any, device: Any = None, dtype: Any = None, batch_size: int = 8) -> Blip2:
-    """Load a checkpoint folder, a hub name, or "default" -> a `Blip2` (caption, ask, chat, itm, ...)."""
+def load(name_or_path: Any, device: Any = None, dtype: Any = None, batch_size: int = 8, **options: Any) -> Blip2:
+    """Load a checkpoint folder, a hub name, or "default" -> a `Blip2` (caption, ask, chat, itm, ...).
+    `options`: those of `blip2.inference.pipeline.load` (max_prompt_tokens, device_map, max_memory,
+    offload_folder, quantize)."""
     from blip2.inference.pipeline import load as _load
 
-    return _load(name_or_path, device=device, dtype=dtype, batch_size=batch_size)
+    return _load(name_or_path, device=device, dtype=dtype, batch_size=batch_size, **options)
 
 
 def __getattr__(name: str) -> Any:

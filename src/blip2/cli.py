@@ -71,6 +71,32 @@ def _probability(text: str) -> float:
     return _number(text, float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
+def _device_map(text: str) -> str | dict:
+    """accelerate's strategies, or a JSON object {LLM module name: device} (devices: N, "cpu", "disk")."""
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        mapping = json.loads(text)
+    except ValueError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not auto, balanced, balanced_low_0, sequential or a JSON object like '{{\"\": 0}}'")
+    return mapping
+
+
+def _max_memory(text: str) -> dict:
+    """'0=20GiB,1=20GiB,cpu=60GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '60GiB'} (accelerate's max_memory)."""
+    out: dict = {}
+    for part in text.split(","):
+        where, _, amount = part.partition("=")
+        if not where.strip() or not amount.strip():
+            raise argparse.ArgumentTypeError(f"{text!r}: give DEVICE=AMOUNT pairs, e.g. 0=20GiB,cpu=60GiB")
+        where = where.strip()
+        out[int(where) if where.isdigit() else where] = amount.strip()
+    return out
+
+
 def _device_name(text: str) -> str:
     if text in ("auto", "cpu", "cuda", "mps") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
@@ -177,7 +203,9 @@ def _load(args: argparse.Namespace):
 
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
-    return blip2.load(args.model, device=device, dtype=dtype, batch_size=args.batch_size)
+    return blip2.load(args.model, device=device, dtype=dtype, batch_size=args.batch_size,
+                      device_map=getattr(args, "device_map", None), max_memory=getattr(args, "max_memory", None),
+                      quantize=getattr(args, "quantize", None))
 
 
 def _print_json(rows: Any) -> None:
@@ -467,6 +495,14 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="precision of the frozen parts; the Q-Former stays float32 "
                         "(default: %(default)s: bfloat16/float16 on CUDA, float32 elsewhere)")
+    g.add_argument("--device-map", type=_device_map, default=None, metavar="MAP",
+                   help="spread the language model over GPUs, CPU memory and disk: auto, balanced, "
+                        "balanced_low_0, sequential or a JSON {module: device} (default: all on --device)")
+    g.add_argument("--max-memory", type=_max_memory, default=None, metavar="DEV=SIZE,...",
+                   help="memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    g.add_argument("--quantize", choices=("8bit", "4bit"), default=None,
+                   help="load the language model in 8-bit or 4-bit (CUDA and bitsandbytes only; "
+                        "the rest in --dtype)")
     g.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="images (and prompts) per forward pass (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")

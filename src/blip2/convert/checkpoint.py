@@ -11,21 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from blip2.convert import instructblip
 from blip2.convert.hf import config_from_hf, config_to_hf, image_config_to_preprocessor
+from blip2.convert.loading import LOW_PRECISION_PARTS, WEIGHTS, WEIGHTS_INDEX, DtypeRule, cast_rule, read_state
 from blip2.models.blip2 import Blip2Model
 from blip2.models.language import lora
 from blip2.models.config import Blip2Config, VisionConfig
 
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 # Buffers some writers store; ours are recomputed (REFERENCE §8: the expected unexpected keys).
 IGNORED_KEYS = ("qformer.embeddings.position_ids", "embeddings.position_ids")
 # Present in our stage-1 checkpoints, absent from transformers' retrieval ones: defaults are fine.
@@ -76,26 +75,29 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return Path(folder)
 
 
-def read_state_dict(folder: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder's safetensors file(s), or only those whose key starts with `prefix`
-    (only the shards holding them are opened)."""
-    files = [folder / WEIGHTS]
-    if (folder / WEIGHTS_INDEX).exists():
-        index = json.loads((folder / WEIGHTS_INDEX).read_text())
-        files = sorted({folder / f for k, f in index["weight_map"].items() if k.startswith(prefix)})
-    elif not files[0].exists():
+def _check_weights(folder: Path) -> None:
+    if not (folder / WEIGHTS_INDEX).exists() and not (folder / WEIGHTS).exists():
         found = ", ".join(sorted(p.name for p in folder.glob("*.bin"))) or "none"
         raise CheckpointError(f"{folder} has no {WEIGHTS} (pytorch .bin files found: {found}; we only read safetensors)")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    state[key] = f.get_tensor(key)
-    return state
 
 
-def pretrained_vision(cfg: VisionConfig) -> torch.nn.Module:
+def read_state_dict(
+    folder: Path,
+    prefix: str = "",
+    rule: DtypeRule | None = None,
+    device: str | torch.device | None = None,
+    keep: Callable[[str], bool] = lambda key: True,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors file(s), or only those whose key starts with `prefix`
+    (only the shards holding them are opened), read one at a time (convert/loading.py): as stored, or each
+    cast by `rule` and put on `device` as it is read."""
+    _check_weights(folder)
+    return read_state(folder, rule, device, keep, prefix)
+
+
+def pretrained_vision(
+    cfg: VisionConfig, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> torch.nn.Module:
     """The frozen image tower with its weights. Packaged and transformers towers load themselves; BLIP-2's EVA
     ViT (kind "blip2") takes the `vision_model.*` tensors of a BLIP-2 checkpoint named by `pretrained` (a
     folder or hub name such as Salesforce/blip2-opt-2.7b: only its vision shard is read), which is how a
@@ -107,7 +109,8 @@ def pretrained_vision(cfg: VisionConfig) -> torch.nn.Module:
     if not (cfg.kind == "blip2" and cfg.pretrained is not None):
         return build_vision_encoder(cfg, load_pretrained=True)
     prefix = "vision_model."
-    state = {k.removeprefix(prefix): v for k, v in read_state_dict(resolve(cfg.pretrained), prefix).items()}
+    stored = read_state_dict(resolve(cfg.pretrained), prefix, cast_rule(dtype) if dtype else None, device)
+    state = {k.removeprefix(prefix): v for k, v in stored.items()}
     if not state:
         raise CheckpointError(f"{cfg.pretrained} holds no {prefix}* tensors: name a BLIP-2 checkpoint for the ViT")
     with init_empty_weights(include_buffers=False):  # a ViT-g is 1B parameters: never allocate them twice
@@ -137,19 +140,28 @@ def stored_keys(model: Blip2Model) -> list[str]:
     return keys
 
 
-def build_model(cfg: Blip2Config, state: dict[str, torch.Tensor]) -> Blip2Model:
-    """Build the model without allocating its weights, fetch the frozen parts that live elsewhere, then
-    take every other tensor from `state`, strictly."""
+def build_model(
+    cfg: Blip2Config,
+    state: dict[str, torch.Tensor],
+    language_model: torch.nn.Module | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Blip2Model:
+    """Build the model without allocating its weights, fetch the frozen parts that live elsewhere (a BLIP-2
+    ViT and a `pretrained` LLM read in `dtype`, the ViT onto `device`), then take every other tensor from
+    `state`, strictly. `language_model`: an LLM already loaded and placed (a device map, 8/4-bit), used as is."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = Blip2Model(cfg)
     if cfg.vision.pretrained is not None or cfg.vision.kind == "efficientnet_lite0":
-        model.vision_model = pretrained_vision(cfg.vision)
-    if cfg.language is not None and cfg.language.pretrained is not None:
+        model.vision_model = pretrained_vision(cfg.vision, dtype, device)
+    if language_model is not None:
+        model.language_model = language_model
+    elif cfg.language is not None and cfg.language.pretrained is not None:
         from blip2.models.language import load_pretrained_language_model
 
-        model.language_model = load_pretrained_language_model(cfg.language)
+        model.language_model = load_pretrained_language_model(cfg.language, dtype)
 
     state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
     expected = set(stored_keys(model))
@@ -157,12 +169,15 @@ def build_model(cfg: Blip2Config, state: dict[str, torch.Tensor]) -> Blip2Model:
     if unexpected:
         raise CheckpointError(f"checkpoint has keys this model does not: {_short(unexpected)}")
     model.load_state_dict(state, strict=False, assign=True)
-    if hasattr(model, "language_model"):
+    if hasattr(model, "language_model") and language_model is None:
         model.language_model.tie_weights()
     for key, value in OPTIONAL_KEYS.items():
         if key in expected and key not in state:
             setattr(model, key, torch.nn.Parameter(torch.tensor(value)))
-    missing = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    # A placed LLM's disk-offloaded weights stay on "meta" by design (accelerate loads them per forward).
+    placed = ("language_model.",) if language_model is not None else ()
+    missing = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_meta and not name.startswith(placed)]
     if missing:
         raise CheckpointError(f"checkpoint lacks keys this model needs: {_short(missing)}")
     model.freeze_frozen_parts()
@@ -171,18 +186,62 @@ def build_model(cfg: Blip2Config, state: dict[str, torch.Tensor]) -> Blip2Model:
 
 def cast(model: Blip2Model, dtype: torch.dtype | None) -> Blip2Model:
     """Frozen towers and the projection in `dtype`; the Q-Former and its queries stay in float32, as in
-    transformers (`_keep_in_fp32_modules`) and LAVIS (half-precision frozen parts, REFERENCE §3)."""
+    transformers (`_keep_in_fp32_modules`) and LAVIS (half-precision frozen parts, REFERENCE §3).
+    `loading.target_dtype` is this rule per tensor."""
     if dtype is None or dtype == torch.float32:
         return model.float()
-    for name in ("vision_model", "language_model", "language_projection"):
+    for name in LOW_PRECISION_PARTS:
         if hasattr(model, name):
             getattr(model, name).to(dtype)
     return model
 
 
+@contextmanager
+def _without_language_model(model: Blip2Model, leave_out: bool) -> Iterator[None]:
+    """Hide a placed LLM (device map, 8/4-bit) from whole-model `.to()`/`.float()`: accelerate and
+    bitsandbytes own where and in what its weights live."""
+    lm = model._modules.pop("language_model") if leave_out else None
+    try:
+        yield
+    finally:
+        if lm is not None:
+            model._modules["language_model"] = lm
+
+
+def _main_device(lm: torch.nn.Module) -> str:
+    """The first accelerator in a placed LLM's device map (where the ViT and Q-Former then go), else cpu."""
+    for where in getattr(lm, "hf_device_map", {}).values():
+        if where not in ("cpu", "disk", "meta"):
+            return f"cuda:{where}" if isinstance(where, int) else str(where)
+    return str(next(lm.parameters()).device).replace("meta", "cpu")
+
+
+def _float32_llm(rule: DtypeRule) -> DtypeRule:
+    return lambda key, stored: (torch.float32 if key.startswith("language_model.") and stored.is_floating_point
+                                else rule(key, stored))
+
+
 def load_model(
-    name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    quantize: str | None = None,
 ) -> tuple[Blip2Model, Path]:
+    """Load a checkpoint folder or hub name. Every stored tensor is read alone, cast to `dtype` by `cast`'s
+    rule and put on `device` as it is read (convert/loading.py), so loading never holds a second copy.
+
+    `device_map` ("auto", "balanced", "sequential", or {LLM module name: device}; `max_memory` and
+    `offload_folder` as in accelerate) spreads the frozen LLM over GPUs, CPU memory and disk; the ViT and
+    Q-Former go to `device` (default: the map's first GPU). `quantize` "8bit"/"4bit" loads the LLM with
+    bitsandbytes (CUDA only), the rest in `dtype` (default float16)."""
+    from blip2.models.language import check_quantize, load_pretrained_language_model
+
+    check_quantize(quantize, device)
+    if quantize is not None and dtype is None:
+        dtype = torch.float16
     folder = resolve(name_or_path)
     hf_config = json.loads((folder / "config.json").read_text())
     pre_file = folder / "preprocessor_config.json"
@@ -191,12 +250,33 @@ def load_model(
         cfg = config_from_hf(hf_config, preprocessor)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{folder}/config.json is not a BLIP-2 config we can read: {err}") from None
-    model = build_model(cfg, instructblip.state_from_folder(hf_config, read_state_dict(folder)))
-    if (folder / lora.ADAPTER_DIR).is_dir():  # LoRA adapters trained on the LLM: merged in (models/language/lora.py)
+    language_model = None
+    if device_map is not None or quantize is not None:
+        if cfg.language is None:
+            raise ValueError(f"device_map and quantize place the language model, and {folder} has none")
+        inline = cfg.language.pretrained is None  # stored in this folder as language_model.*
+        where = device_map or ({"": device} if device is not None else None)
+        language_model = load_pretrained_language_model(  # float32 for None: `cast` will not touch it
+            cfg.language, dtype or torch.float32, where, max_memory, offload_folder, quantize,
+            source=folder if inline else None,
+        )
+        device = device if device is not None else _main_device(language_model)
+    placed = language_model is not None
+    rule = cast_rule(dtype)
+    adapters = (folder / lora.ADAPTER_DIR).is_dir()
+    if adapters and not placed:  # LoRA merges into float32 weights, cast after: the same bits as before
+        rule = _float32_llm(rule)
+    state = read_state_dict(folder, rule=rule, device=device,
+                            keep=lambda key: not (placed and key.startswith("language_model.")))
+    # With adapters a referenced LLM also comes in as stored (merged, then cast below).
+    model = build_model(cfg, instructblip.state_from_folder(hf_config, state), language_model,
+                        None if adapters else dtype, device)
+    if adapters:  # LoRA adapters trained on the LLM: merged in (models/language/lora.py)
         lora.load_into_model(model, folder / lora.ADAPTER_DIR)
-    model = cast(model, dtype)
-    if device is not None:
-        model.to(device)
+    with _without_language_model(model, placed):
+        cast(model, dtype)  # only what was not read from the folder: buffers, a packaged tower
+        if device is not None:
+            model.to(device)
     return model, folder
 
 

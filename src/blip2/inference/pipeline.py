@@ -507,7 +507,14 @@ class ChatSession:
         if cache.get_seq_length() > 0:
             kv_cache.crop(cache, queries + keep)
         if expand > 1:
-            cache.batch_repeat_interleave(expand)  # beam search runs one cache row per beam
+            # Beam search runs one cache row per beam, all with the same prompt: prefill it (but its last token,
+            # which generate needs) on one row, then copy that row to every beam.
+            first = lm.model.get_input_embeddings().weight.device
+            if cache.get_seq_length() == 0:
+                kv_cache.prefill(lm.model, cache, soft.to(first, lm.model.dtype))
+            if keep < len(ids) - 1:
+                kv_cache.prefill(lm.model, cache, lm.embed(torch.tensor([ids[keep:-1]], device=first)))
+            cache.batch_repeat_interleave(expand)
         input_ids = torch.tensor([ids], dtype=torch.long, device=owner.device)  # (1, T)
         out = owner._seeded(seed, lambda: lm.generate(soft, input_ids, torch.ones_like(input_ids), cache=cache, **gen))
         if expand == 1:
@@ -546,17 +553,30 @@ def load(
     dtype: torch.dtype | str | None = None,
     batch_size: int = 8,
     max_prompt_tokens: int | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    quantize: str | None = None,
 ) -> Blip2:
     """Load a BLIP-2 checkpoint: a local folder, a hub name (Salesforce/blip2-opt-2.7b), or "default".
-    `max_prompt_tokens`: the prompt cap of every call (None: the LLM's context; the default model: 512)."""
+    `max_prompt_tokens`: the prompt cap of every call (None: the LLM's context; the default model: 512).
+
+    Tensors are read one at a time, cast to `dtype` and put on `device` as read: loading peaks near the
+    model's own size. `device_map` ("auto", "balanced", "sequential" or {LLM module: device}, with
+    `max_memory`/`offload_folder`) spreads the frozen LLM over GPUs, CPU memory and disk; `quantize`
+    ("8bit"/"4bit", CUDA + bitsandbytes) loads the LLM quantized, the rest in `dtype` (default float16)."""
     from blip2.inference.registry import DEFAULT_MODEL_PROMPT_TOKENS, resolve_name
 
     if max_prompt_tokens is None and str(name_or_path) == "default":
         max_prompt_tokens = DEFAULT_MODEL_PROMPT_TOKENS
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
-    model, folder = load_model(resolve_name(name_or_path), device=device, dtype=dtype)
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"dtype={dtype!r} is not one of {', '.join(names)}")
+        dtype = names[dtype]
+    model, folder = load_model(resolve_name(name_or_path), device=device, dtype=dtype, device_map=device_map,
+                               max_memory=max_memory, offload_folder=offload_folder, quantize=quantize)
     tokenizer = _load_tokenizer(folder)
     qformer_tokenizer = None
     if (folder / "qformer_tokenizer").is_dir():

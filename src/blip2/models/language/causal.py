@@ -27,8 +27,9 @@ class CausalLanguageModel:
     def _inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         # [prefix (Q); text (T)]. Left padding of the text leaves pads between the prefix and the text: masked,
         # and position ids come from the mask's cumulative sum, so the result equals the unpadded sequence.
-        embeds = torch.cat([prefix.to(self.model.dtype), self.embed(input_ids)], dim=1)  # (B, Q+T, H)
-        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        text = self.embed(input_ids)  # on the embeddings' device: the first one of a device-mapped LLM
+        embeds = torch.cat([prefix.to(text.device, self.model.dtype), text], dim=1)  # (B, Q+T, H)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1).to(text.device)
         return embeds, mask
 
     def logits(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:

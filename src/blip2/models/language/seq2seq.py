@@ -24,8 +24,9 @@ class Seq2SeqLanguageModel:
         return self.model.get_input_embeddings()(input_ids)
 
     def _encoder_inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        embeds = torch.cat([prefix.to(self.embed(input_ids[:, :0]).dtype), self.embed(input_ids)], dim=1)
-        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        text = self.embed(input_ids)  # on the embeddings' device: the first one of a device-mapped LLM
+        embeds = torch.cat([prefix.to(text.device, text.dtype), text], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1).to(text.device)
         return embeds, mask  # (B, Q+T, H), (B, Q+T)
 
     def logits(
