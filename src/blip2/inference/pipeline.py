@@ -507,14 +507,7 @@ class ChatSession:
         if cache.get_seq_length() > 0:
             kv_cache.crop(cache, queries + keep)
         if expand > 1:
-            # Beam search runs one cache row per beam, all with the same prompt: prefill it (but its last token,
-            # which generate needs) on one row, then copy that row to every beam.
-            first = lm.model.get_input_embeddings().weight.device
-            if cache.get_seq_length() == 0:
-                kv_cache.prefill(lm.model, cache, soft.to(first, lm.model.dtype))
-            if keep < len(ids) - 1:
-                kv_cache.prefill(lm.model, cache, lm.embed(torch.tensor([ids[keep:-1]], device=first)))
-            cache.batch_repeat_interleave(expand)
+            cache.batch_repeat_interleave(expand)  # beam search runs one cache row per beam
         input_ids = torch.tensor([ids], dtype=torch.long, device=owner.device)  # (1, T)
         out = owner._seeded(seed, lambda: lm.generate(soft, input_ids, torch.ones_like(input_ids), cache=cache, **gen))
         if expand == 1:
