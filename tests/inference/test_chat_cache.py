@@ -111,34 +111,43 @@ def test_kept_cache_with_sampling_and_a_seed(models, recorded, kind):
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_each_turn_prefills_only_what_the_cache_does_not_hold(models, recorded, beams):
-    """A forward hook counts the positions the LLM's first (prefill) pass of each turn receives: turn 1 all of
-    [soft prompt; prompt], later turns only the new part. Fails if the cache is silently unused."""
+    """A forward hook records (rows, positions) of every LLM pass. The prompt positions a turn feeds are
+    [soft prompt; prompt] on turn 1 and only the new part later; with beams the prompt (but its last token)
+    is prefilled on one row, then copied to the beams. Fails if the cache is silently unused."""
     model = models["llama"]
-    prefills: list[int] = []
+    passes: list[tuple[int, int]] = []
 
-    def count(module, args, kwargs):
+    def record(module, args, kwargs):
         x = kwargs.get("inputs_embeds")
         x = kwargs.get("input_ids") if x is None else x
-        prefills.append(x.shape[1])
+        passes.append(tuple(x.shape[:2]))
 
-    handle = model.model.language_model.register_forward_pre_hook(count, with_kwargs=True)
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         session = model.chat(tm.images(1, seed=4)[0], num_beams=beams, max_new_tokens=6)
-        lengths, first = [], []
+        lengths, fed = [], []
         for question in QUESTIONS:
-            prefills.clear()
-            lengths += _converse(model, recorded, session, [question])
-            first.append(prefills[0])
+            passes.clear()
+            recorded.clear()
+            session.ask(question)
+            if beams == 1:  # every pass has one row; each decode step after the prefill feeds one position
+                fed.append(sum(n for _, n in passes) - (recorded[0].shape[1] - 1))
+            else:  # the prompt but its last token on one row, then generate's passes on the beams' rows
+                assert all(rows == beams for rows, n in passes if rows != 1) and passes[-1][0] == beams, passes
+                fed.append(sum(n for rows, n in passes if rows == 1) + 1)
+            ids, reference = _reference(model, session, question)
+            assert torch.equal(recorded[0][:1], reference[:1])
+            lengths.append(len(ids))
     finally:
         handle.remove()
-    assert first[0] == QUERIES + lengths[0]
+    assert fed[0] == QUERIES + lengths[0]
     for turn in range(1, len(QUESTIONS)):
         new = lengths[turn] - lengths[turn - 1]  # the previous answer, ". ", and the new question
         if beams == 1:  # the cache may also hold the previous answer's tokens
-            assert 1 <= first[turn] <= new, (turn, first, lengths)
+            assert 1 <= fed[turn] <= new, (turn, fed, lengths)
         else:  # after beam search it holds the previous prompt exactly
-            assert first[turn] == new, (turn, first, lengths)
-    assert sum(first[1:]) < sum(lengths[1:]) // 2  # far less than re-running every prompt
+            assert fed[turn] == new, (turn, fed, lengths)
+    assert sum(fed[1:]) < sum(lengths[1:]) // 2  # far less than re-running every prompt
 
 
 def test_dropped_turns_change_the_prefix_and_stay_exact(models, recorded):

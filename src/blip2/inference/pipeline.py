@@ -415,8 +415,8 @@ class Blip2:
 
 @dataclass
 class ChatSession:
-    """A multi-turn conversation about one image. The image is encoded once; when the history outgrows the
-    LLM's context (or `max_prompt_tokens`), the oldest turns are dropped (never the image) and a warning says
+    """A multi-turn conversation about one image. The image is encoded once (and its soft prompt computed once
+    unless it reads the question); when the history outgrows the LLM's context (or `max_prompt_tokens`), the oldest turns are dropped (never the image) and a warning says
     so. A turn that cannot fit even alone is a ValueError naming the counts.
 
     Decoder-only LLMs keep the key/value cache of the conversation so far, soft prompt included, so a turn
@@ -425,7 +425,7 @@ class ChatSession:
     turn simply shortens that prefix), and the rest is prefilled. After greedy or sampled turns the cache also
     holds the answer; after beam search it keeps the prompt only (every beam shares it; the beams' own rows were
     reordered by the search and need not be the chosen one's), and the next turn prefills the answer with its
-    question. Tokens equal re-running the whole prompt (up to float rounding, as for generate's own decode
+    question, on one row that is then copied to the beams. Tokens equal re-running the whole prompt (up to float rounding, as for generate's own decode
     steps; tests compare them). No cache is kept, every turn being one full pass as before, where nothing could
     be reused: an encoder-decoder LLM (T5 encodes the whole conversation bidirectionally), a model whose soft
     prompt reads the question (`question_to_qformer`: the prefix changes every turn), a sliding-window LLM."""
@@ -436,7 +436,7 @@ class ChatSession:
     history: list[tuple[str, str]] = field(default_factory=list)
     dropped_turns: int = 0
     max_prompt_tokens: int | None = None
-    # The kept cache: keys/values of [soft prompt; held ids], the soft prompt it was computed with. Internal.
+    # The kept cache: keys/values of [soft prompt; held ids], and the last turn's soft prompt. Internal.
     _cache: Any = field(default=None, repr=False)
     _held: list[int] = field(default_factory=list, repr=False)
     _soft: torch.Tensor | None = field(default=None, repr=False)
@@ -478,10 +478,14 @@ class ChatSession:
     def ask(self, question: str) -> str:
         prompt = self._fit(question)
         # Models that feed the question to the Q-Former read this turn's question; the image is not re-encoded.
-        soft = self.owner.soft_prompts(self.image_feats, [question])
+        # Other soft prompts depend on the image alone: computed on the first turn, then reused.
+        if self.owner.model.config.question_to_qformer or self._soft is None:
+            soft = self.owner.soft_prompts(self.image_feats, [question])
+        else:
+            soft = self._soft
         expand = kv_cache.rows_per_sequence(self.owner.model.language_model, self.generation) if self.keeps_cache else None
         if expand is None:
-            self._cache = None
+            self._cache, self._soft = None, soft
             answer = self.owner._generate(soft, [prompt], self.generation)[0]
         else:
             answer = self._ask_cached(soft, prompt, expand)
@@ -507,7 +511,14 @@ class ChatSession:
         if cache.get_seq_length() > 0:
             kv_cache.crop(cache, queries + keep)
         if expand > 1:
-            cache.batch_repeat_interleave(expand)  # beam search runs one cache row per beam
+            # Beam search runs one cache row per beam, all with the same prompt: prefill it (but its last token,
+            # which generate needs) on one row, then copy that row to every beam.
+            first = lm.model.get_input_embeddings().weight.device
+            if cache.get_seq_length() == 0:
+                kv_cache.prefill(lm.model, cache, soft.to(first, lm.model.dtype))
+            if keep < len(ids) - 1:
+                kv_cache.prefill(lm.model, cache, lm.embed(torch.tensor([ids[keep:-1]], device=first)))
+            cache.batch_repeat_interleave(expand)
         input_ids = torch.tensor([ids], dtype=torch.long, device=owner.device)  # (1, T)
         out = owner._seeded(seed, lambda: lm.generate(soft, input_ids, torch.ones_like(input_ids), cache=cache, **gen))
         if expand == 1:

@@ -251,7 +251,7 @@ class ContinuousDecoder:
         self.lm(inputs_embeds=torch.stack([e[:queries] for e in firsts]), cache=cache, position_ids=positions,
                 **kw, **({"logits_to_keep": 1} if "logits_to_keep" in self._forward_kw else {}))  # (U, Q)
         cache.batch_select_indices(torch.tensor([keys.index(row.prefix) for row in rows], device=device))  # (n, Q)
-        texts = [e[queries:] for e in embeds]  # each (T_i - Q, H), T_i > Q (add checks)
+        texts = [e[queries:] for e in embeds]  # each (T_i - Q, H); `add` ensures T_i > Q
         length = max(t.shape[0] for t in texts)
         batch = torch.stack([F.pad(t, (0, 0, length - t.shape[0], 0)) for t in texts])  # (n, L, H), left-padded
         text_mask = torch.stack([_left_pad(torch.ones(1, t.shape[0], dtype=torch.long, device=device), length)[0]
