@@ -265,8 +265,10 @@ class Blip2Model(nn.Module):
         self, image_feats: torch.Tensor, qformer_text: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Image features -> queries -> LLM embedding space: (B, Q, H_llm) (REFERENCE §3). With
-        `question_to_qformer`, `qformer_text` = (ids, mask) of the question in the Q-Former's tokenizer
-        ("" for captions): the queries read it together with the image."""
+        `question_to_qformer`, `qformer_text` = (ids, mask) of the instruction in the Q-Former's tokenizer
+        (the question; a caption prompt or ""): the queries read it together with the image, and only their
+        outputs go on (`query_with_text`). This is InstructBLIP's instruction-aware Q-Former; transformers'
+        `InstructBlipForConditionalGeneration.get_image_features` computes the same tensor."""
         if self.config.question_to_qformer:
             if qformer_text is None:
                 raise ValueError("this model feeds the question to the Q-Former: pass qformer_text=(ids, mask)")
