@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from blip2.models.language import kv_cache
+from blip2.models.language.fast_decode import prefill_once_per_row, repeated_rows
 
 IGNORE = -100
 
@@ -60,7 +61,10 @@ class CausalLanguageModel:
         embeds, mask = self._inputs(prefix, input_ids, attention_mask)
         if cache is not None:
             generation["cache"] = cache
-        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **generation)
+        # Beam search repeats each row num_beams times before its prefill: that prefill runs once per row
+        # (fast_decode.py; it steps aside when a non-empty cache is passed).
+        with prefill_once_per_row(self.model, repeated_rows(self.model, generation)):
+            return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **generation)
 
     @torch.no_grad()
     def generate_shared(

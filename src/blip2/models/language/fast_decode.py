@@ -1,0 +1,114 @@
+"""Faster decoding that never changes a token: repeated work removed around transformers' `generate`.
+
+Beam search stays transformers' (DESIGN §4). What this module changes is how much work generate's first
+forward (the prefill) does: generate repeats every input row `num_beams` times *before* the prefill, so the
+prompt, its soft prompt included, is run through the LLM once per beam, although the copies are equal. The
+profile (benchmarks/results/profile_cpu.md) puts that prefill at 15-50% of a 5-beam call on CPU.
+
+`prefill_once_per_row` intercepts that first forward: it runs the LLM on one copy of each row, then repeats
+the key/value cache and the logits `num_beams` times, which is what the full forward would have produced: the
+rows of a batch are computed independently (every matmul, attention and norm works row by row), so each
+row's numbers are the same whatever the batch around it. The tests compare the tokens with the plain path on
+tiny random OPT, Llama and Flan-T5 models, greedy and beam, batched and left-padded.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+# Model outputs other than the logits and the cache that a caller may ask generate for; with any of them the
+# prefill runs unchanged (we would have to repeat them too).
+_EXTRA_OUTPUTS = ("output_attentions", "output_hidden_states")
+
+
+def _rows_repeat(t: torch.Tensor, repeats: int) -> bool:
+    """True when `t`'s rows come in groups of `repeats` equal rows (what `repeat_interleave` makes)."""
+    if t.shape[0] % repeats:
+        return False
+    groups = t.reshape(t.shape[0] // repeats, repeats, *t.shape[1:])
+    return bool((groups == groups[:, :1]).all())
+
+
+def _batched(kwargs: dict[str, Any], rows: int) -> dict[str, torch.Tensor]:
+    """The keyword tensors that carry one entry per row (inputs, mask, positions); 1-D `cache_position`
+    and broadcast (batch 1) tensors are shared by every row and stay as they are."""
+    return {
+        k: v for k, v in kwargs.items()
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == rows
+    }
+
+
+def repeated_rows(model: PreTrainedModel, generation: dict[str, Any]) -> int:
+    """How many copies of each row `generate` will make with these settings: num_beams for beam search,
+    num_return_sequences when sampling several (its `_expand_inputs_for_generation`). A wrong guess costs
+    nothing but the saving: `prefill_once_per_row` checks that the rows really are copies."""
+    config = model.generation_config
+    beams = generation.get("num_beams", config.num_beams) or 1
+    returns = generation.get("num_return_sequences", config.num_return_sequences) or 1
+    return max(int(beams), int(returns))
+
+
+def bit_exact(model: PreTrainedModel) -> bool:
+    """Whether a row's numbers are the same whatever the batch around it, so computing fewer rows is exact:
+    on CPU with one intra-op thread. With several, elementwise kernels split a tensor into one chunk per
+    thread, each with its own scalar tail, at places that move with the batch size; on GPUs the matmul kernel
+    (split-K or not) depends on the number of rows. There a smaller batch can differ in the last bit, so the
+    prefill keeps its full batch."""
+    return next(model.parameters()).device.type == "cpu" and torch.get_num_threads() == 1
+
+
+@contextmanager
+def prefill_once_per_row(model: PreTrainedModel, num_beams: int) -> Iterator[None]:
+    """Within the block, `model`'s first forward call over `num_beams` equal copies of each row (the beam-search
+    prefill of a decoder-only LLM) computes each row once and repeats its cache and logits.
+
+    The first call falls back to the plain forward when its rows are not such copies, when it starts from a
+    non-empty cache (a kept chat cache: then the rows may differ), or when attentions or hidden states are asked
+    for. Later calls (the decode steps) are never touched.
+    """
+    if num_beams <= 1 or model.config.is_encoder_decoder or not bit_exact(model):
+        yield  # encoder-decoder models: generate runs the encoder before repeating it; the decoder prefill is 1 token
+        return
+    original = model.forward
+    done = False
+
+    @functools.wraps(original)  # generate reads forward's signature (e.g. whether it takes logits_to_keep)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal done
+        if done or args:
+            return original(*args, **kwargs)
+        done = True
+        caches = [v for v in kwargs.values() if isinstance(v, Cache)]
+        inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        if (
+            len(caches) != 1 or caches[0].get_seq_length() != 0 or inputs is None
+            or any(kwargs.get(k) for k in _EXTRA_OUTPUTS)
+        ):
+            return original(**kwargs)
+        rows = inputs.shape[0]
+        batched = _batched(kwargs, rows)
+        if not all(_rows_repeat(t, num_beams) for t in batched.values()):
+            return original(**kwargs)
+        # One copy of each row, plus a second copy of the last one: elementwise kernels compute a tensor's last
+        # few elements (its tail, numel % vector width) in scalar code, which rounds SiLU/GELU differently
+        # from their vector code. With the extra row, no row we keep holds a tail, as in the full batch.
+        unique = rows // num_beams
+        keep = torch.arange(unique + 1, device=inputs.device).clamp(max=unique - 1) * num_beams
+        out = original(**{**kwargs, **{k: t[keep.to(t.device)] for k, t in batched.items()}})
+        spread = torch.arange(unique).repeat_interleave(num_beams)  # row b -> rows b*beams.., as generate expands
+        caches[0].batch_select_indices(spread)  # CPU indices: every layer's device can use them
+        out.logits = out.logits[spread.to(out.logits.device)]
+        return out
+
+    model.forward = forward  # the instance attribute shadows the class's forward for generate's `self(...)`
+    try:
+        yield
+    finally:
+        del model.forward
