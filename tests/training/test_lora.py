@@ -155,6 +155,8 @@ def test_load_applies_adapters_and_merged_export_is_equal(tmp_path, stage2_init)
         want64, loaded64, merged64, _ = (m.double().lm.logits(prefix.double(), ids, mask) for m in models)
     assert (want - base).abs().max() > 1e-3  # the adapters learned something
     scale = want.abs().max()
+    print(f"merged vs adapter logits (|logit| <= {scale:.2f}): float32 {(got_merged - want).abs().max():.2e}, "
+          f"float64 forward {(merged64 - want64).abs().max():.2e}; loaded {(got_loaded - want).abs().max():.2e}")
     for got, got64 in ((got_loaded, loaded64), (got_merged, merged64)):
         assert (got - want).abs().max() <= 1e-5 * scale, (got - want).abs().max()
         assert torch.allclose(got64, want64, atol=1e-5, rtol=0), (got64 - want64).abs().max()
