@@ -76,8 +76,19 @@ def test_lora_targets_and_settings_errors():
         lora.lora_config(model.language_model, 4, 8, 0.0, ["nope"])
     with pytest.raises(lora.LoraError, match="lora.r must be at least 1"):
         lora.lora_config(model.language_model, 0, 8, 0.0)
-    with pytest.raises(lora.LoraError, match="QLoRA.*needs a CUDA GPU"):
-        lora.quantize_4bit(model.language_model, torch.device("cpu"), torch.bfloat16)
+    # QLoRA (lora.quantize=4bit): refused clearly where bitsandbytes' 4-bit layers cannot train
+    import dataclasses
+
+    from blip2.recipes.stage2 import quantized_llm
+    from blip2.training.config import ConfigError
+
+    qlora = Stage2Config(lora=LoraOptions(r=4, quantize="4bit"))
+    with pytest.raises(ConfigError, match=r"QLoRA\) needs a CUDA GPU \(device=cpu\)"):
+        quantized_llm(model, qlora, torch.device("cpu"))
+    lang = dataclasses.replace(model.config.language, pretrained="folder", gguf_file="llm.gguf")
+    model.config = dataclasses.replace(model.config, language=lang)
+    with pytest.raises(ConfigError, match="GGUF files are dequantized"):
+        quantized_llm(model, qlora, torch.device("cuda"))
 
 
 # ------------------------------------------------------------------------------------------ the recipe

@@ -17,7 +17,7 @@ drawn per sample (data/instructions.py) for its task, caption, VQA or chat turn,
 LoRA (`lora.r` > 0, models/language/lora.py): peft adapters on the frozen LLM's attention projections train
 with the bridge; checkpoints keep them in peft's format under `adapter/`, and `final/` either keeps them beside
 the bridge (`blip2.load` merges them into the LLM) or, with `lora.merge`, holds the LLM with them merged.
-`lora.quantize: 4bit` is QLoRA: the frozen LLM in NF4 through bitsandbytes, on CUDA only.
+`lora.quantize: 4bit` is QLoRA: the frozen LLM re-read in NF4 through bitsandbytes, on CUDA only (untested on GPU).
 
 The model comes from (a) `init_from` a stage-1 checkpoint plus `language` (an LLM config: its Q-Former,
 queries and ln_vision are taken, the LLM and a fresh projection added), (b) `init_from` a stage-2
@@ -284,12 +284,30 @@ def check_lora(cfg: Stage2Config, reloaded: bool | None = None) -> None:
                           "the checkpoint would have to be saved back quantized")
 
 
-def add_lora(model: Blip2Model, cfg: Stage2Config, device: torch.device) -> None:
-    """Quantize the frozen LLM (QLoRA) if asked, then inject fresh adapters (models/language/lora.py)."""
+def quantized_llm(model: Blip2Model, cfg: Stage2Config, device: torch.device):
+    """QLoRA's frozen base (Dettmers et al. 2023): the LLM read again from `language.pretrained` through
+    transformers' bitsandbytes loader, NF4 with double quantization, computing in the autocast dtype (bf16 for
+    fp32 runs), placed whole on `device`. The adapters added afterwards stay float32."""
+    from blip2.models.language import check_quantize, load_pretrained_language_model
+
+    lang = model.config.language
+    if lang.gguf_file:
+        raise ConfigError("lora.quantize: 4bit needs a transformers-format LLM; GGUF files are dequantized on the "
+                          "CPU (drop lora.quantize)")
+    if device.type != "cuda":
+        raise ConfigError(f"lora.quantize: 4bit (QLoRA) needs a CUDA GPU (device={device}): bitsandbytes' 4-bit "
+                          "layers do not train on the CPU; drop lora.quantize to train LoRA in full precision")
+    try:
+        check_quantize("4bit", device)  # bitsandbytes installed?
+    except ValueError as err:
+        raise ConfigError(f"lora.quantize: {err}") from None
+    compute = PRECISIONS[cfg.precision] if cfg.precision != "fp32" else torch.bfloat16
+    return load_pretrained_language_model(lang, compute, {"": device}, quantize="4bit")
+
+
+def add_lora(model: Blip2Model, cfg: Stage2Config) -> None:
+    """Inject fresh adapters into the frozen LLM (models/language/lora.py)."""
     llm = model.language_model
-    if cfg.lora.quantize == "4bit":
-        compute = PRECISIONS[cfg.precision] if cfg.precision != "fp32" else torch.bfloat16
-        lora.quantize_4bit(llm, device, compute)
     config = lora.lora_config(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
                               base_model=model.config.language.pretrained)
     lora.add_adapters(llm, config)
@@ -391,14 +409,17 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
         raise ConfigError(f"val: {err}") from None
     # -- setup: optimisation, resume --------------------------------------------------------------------------
     model.set_gradient_checkpointing(cfg.grad_checkpointing)
-    model.to(env.device).train()
     reloaded = model.config.language is not None and model.config.language.pretrained is not None
-    half = llm_dtype(cfg, env.device, reloaded)
     check_lora(cfg, reloaded)
+    if cfg.lora.quantize == "4bit":  # before the move: the full-precision LLM never goes to the GPU
+        model.language_model = quantized_llm(model, cfg, env.device)
+        model.freeze_frozen_parts()
+    model.to(env.device).train()
+    half = llm_dtype(cfg, env.device, reloaded)
     if half is not None and hasattr(model, "language_model") and cfg.lora.quantize == "none":
         model.language_model.to(half)  # frozen: no optimizer state, no master weights needed
     if cfg.lora.r:  # before the optimizer, in the same order on every run: resume finds the same parameters
-        add_lora(model, cfg, env.device)
+        add_lora(model, cfg)
     step, micro, skipped = 0, 0, 0
     state = None
     if resume is not None:

@@ -214,38 +214,6 @@ def merge_into_model(model: Any) -> Any:
     return model
 
 
-# ------------------------------------------------------------------------------------------------- QLoRA
-
-
-def quantize_4bit(llm: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
-    """QLoRA's frozen base: every linear layer of `llm` but its output head becomes a bitsandbytes NF4
-    `Linear4bit` (double-quantized statistics, `compute_dtype` matmuls) on `device`, in place; LoRA layers
-    added afterwards wrap them (peft dispatches to its bnb LoRA layer). Needs CUDA and bitsandbytes."""
-    if device.type != "cuda":
-        raise LoraError(f"lora.quantize: 4bit (QLoRA) needs a CUDA GPU (device={device}): bitsandbytes' 4-bit "
-                        "layers do not train on the CPU; drop lora.quantize to train LoRA in full precision")
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise LoraError("lora.quantize: 4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
-    head = llm.get_output_embeddings()
-    for name, module in list(llm.named_modules()):
-        for attr, child in list(module.named_children()):
-            if type(child) is not nn.Linear or child is head:
-                continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                  device="cpu")
-            # Params4bit quantizes its float data when it moves to the GPU (as transformers' bnb loader does).
-            q.weight = bnb.nn.Params4bit(child.weight.data.float().cpu(), requires_grad=False,
-                                         compress_statistics=True, quant_type="nf4")
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.to(compute_dtype).cpu(), requires_grad=False)
-            setattr(module, attr, q.to(device))
-    llm.to(device)
-    return llm
-
-
 def load_into_model(model: Any, folder: str | Path) -> Any:
     """`blip2.load`'s hook: a checkpoint folder's `adapter/` applied to its LLM and merged in, so inference runs
     a plain transformers LLM (no LoRA cost per token) that gives the adapter model's outputs."""
