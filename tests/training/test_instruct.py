@@ -131,3 +131,25 @@ def test_instruction_tuning_overfits_a_tiny_mix(tmp_path, init):
     asked = [r for r in rows if r["question"] and "history" not in r]
     got = [model.ask(str(tmp_path / r["image"]), r["question"], num_beams=1, max_new_tokens=3)[0] for r in asked]
     assert sum(g == r["answers"][0] for g, r in zip(got, asked)) >= 3, got
+
+
+def test_default_model_stage2_can_be_instruction_tuned(tmp_path, monkeypatch):
+    """`python -m blip2.recipes.default_model --instructions` hands stage 2 the instruction switch; the resolved
+    config (configs/default_stage2.yaml + the overrides) is an instruction tuning without the fixed prompt."""
+    import blip2.recipes
+    from blip2.recipes import default_model
+
+    calls = []
+    files = {"captions": tmp_path / "c.jsonl", "stage2": tmp_path / "s.jsonl", "images": tmp_path / "images"}
+    monkeypatch.setattr(default_model, "write_data", lambda *a, **k: files)
+    monkeypatch.setattr(default_model, "_cache_covers", lambda *a: True)
+    monkeypatch.setattr(blip2.recipes, "run_recipe", lambda name, args: calls.append((name, args)) or 0)
+    assert default_model.main(["--work", str(tmp_path), "--only", "stage2", "--instructions",
+                               "--stage2", "steps=3"]) == 0
+    (name, args), = calls
+    assert name == "stage2" and args[:2] == ["--config", str(default_model.CONFIGS / "default_stage2.yaml")]
+    cfg = load_config(Stage2Config, args[1], args[2:])
+    assert cfg.instructions and cfg.prompt is None and cfg.steps == 3 and cfg.data.max_text_len == 48
+    calls.clear()
+    assert default_model.main(["--work", str(tmp_path), "--only", "stage2"]) == 0
+    assert not load_config(Stage2Config, calls[0][1][1], calls[0][1][2:]).instructions  # off by default
