@@ -137,9 +137,12 @@ def test_lora_resume_is_exact_and_checkpoints_hold_peft_adapters(tmp_path, stage
     assert "sha256" in ckpt.verify_checkpoint(rest.checkpoint)
 
 
-def test_load_applies_adapters_and_merged_export_is_equal(tmp_path, stage2_init):
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_load_applies_adapters_and_merged_export_is_equal(tmp_path, stage2_init, kind):
     """final/ with the adapters beside the bridge: `blip2.load` merges them into the LLM and gives the adapter
     model's logits; `lora.merge` writes the merged LLM instead, loads without peft's layers, same logits."""
+    if kind == "t5":
+        stage2_init = save_tiny_checkpoint(tmp_path / "t5", "t5", llm_std=0.2, dropout=False)
     common = dict(steps=4, warmup_steps=0)
     adapters = run(config(tmp_path, stage2_init, output_dir=str(tmp_path / "adapters"), **common)).final_dir
     merged = run(config(tmp_path, stage2_init, output_dir=str(tmp_path / "merged"), **common,
@@ -157,13 +160,13 @@ def test_load_applies_adapters_and_merged_export_is_equal(tmp_path, stage2_init)
     from_merged, _ = load_model(merged)
     assert not lora.has_adapters(loaded.language_model) and not lora.has_adapters(from_merged.language_model)
 
-    prefix, ids, mask, _ = lm_inputs(reference, "opt")
+    prefix, ids, mask, extra = lm_inputs(reference, kind)
     models = (reference, loaded, from_merged, without)
     with torch.no_grad():
-        want, got_loaded, got_merged, base = (m.lm.logits(prefix, ids, mask) for m in models)
+        want, got_loaded, got_merged, base = (m.lm.logits(prefix, ids, mask, **extra) for m in models)
         # The same forward in float64 over the stored float32 weights: what is left is the merge itself
-        # (W + alpha/r B A rounded once to float32), not float32's summation noise on logits of size ~6.
-        want64, loaded64, merged64, _ = (m.double().lm.logits(prefix.double(), ids, mask) for m in models)
+        # (W + alpha/r B A rounded once to float32), not float32's summation noise on logits of size ~10.
+        want64, loaded64, merged64, _ = (m.double().lm.logits(prefix.double(), ids, mask, **extra) for m in models)
     assert (want - base).abs().max() > 1e-3  # the adapters learned something
     scale = want.abs().max()
     print(f"merged vs adapter logits (|logit| <= {scale:.2f}): float32 {(got_merged - want).abs().max():.2e}, "
