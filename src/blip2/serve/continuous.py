@@ -20,7 +20,8 @@ attention (sliding-window or linear-attention layers: a left-padded column would
 How. One `DynamicCache` holds every active row, LEFT-padded to the longest row, with an explicit (B, L)
 attention mask and explicit position ids (each row counts only its own real tokens, so padding never shifts a
 position). Requests that arrive together are prefilled in one pass, left-padded with a mask as generate
-prefills a padded batch (a lone request gets generate's own unpadded prefill); then their cache and the batch's
+prefills a padded batch (a lone request gets generate's own unpadded prefill; requests that share a prefix,
+e.g. one image's soft prompt, prefill it once, then their texts left-padded after it); then their cache and the batch's
 are left-padded to one length and concatenated along the batch axis. A finished row is dropped at once, and
 columns that became padding in every row are trimmed, so the cache is as long as the longest live row. Cost: a
 join or leave copies the batch cache once.
@@ -247,9 +248,8 @@ class ContinuousDecoder:
         firsts = [next(e for row, e in zip(rows, embeds) if row.prefix == key) for key in keys]
         cache = DynamicCache(config=self.lm.config)
         positions = torch.arange(queries, device=device)[None].expand(len(keys), -1)
-        kw = {k: v for k, v in self._forward_kw.items() if k != "logits_to_keep"}
-        self.lm(inputs_embeds=torch.stack([e[:queries] for e in firsts]), cache=cache, position_ids=positions,
-                **kw, **({"logits_to_keep": 1} if "logits_to_keep" in self._forward_kw else {}))  # (U, Q)
+        prefixes = torch.stack([e[:queries] for e in firsts])  # (U, Q, H)
+        self.lm(inputs_embeds=prefixes, cache=cache, position_ids=positions, **self._forward_kw)  # logits unused
         cache.batch_select_indices(torch.tensor([keys.index(row.prefix) for row in rows], device=device))  # (n, Q)
         texts = [e[queries:] for e in embeds]  # each (T_i - Q, H); `add` ensures T_i > Q
         length = max(t.shape[0] for t in texts)
