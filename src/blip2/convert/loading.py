@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 LOW_PRECISION_PARTS = ("vision_model", "language_model", "language_projection")
 CHUNK_BYTES = 64 << 20  # 64 MiB: large enough for full disk speed, small next to any model
+READ_AHEAD = 256 << 20  # asked of the kernel per tensor (page cache, reclaimable: not the process's memory)
 
 # safetensors' dtype names (https://github.com/huggingface/safetensors, format.md)
 _DTYPES = {
@@ -92,6 +94,11 @@ def _read_into(fh, out: torch.Tensor, stored: torch.dtype, numel: int, path: Pat
             out[start : start + n].copy_(buf[:n])  # the cast (round to nearest even, as Tensor.to)
 
 
+def _advise(fh, offset: int, length: int) -> None:
+    if hasattr(os, "posix_fadvise"):  # Linux and most Unixes; elsewhere plain reads do
+        os.posix_fadvise(fh.fileno(), offset, length, os.POSIX_FADV_WILLNEED)
+
+
 DtypeRule = Callable[[str, torch.dtype], torch.dtype]  # (key, stored dtype) -> dtype to hold it in
 
 
@@ -127,6 +134,8 @@ def iter_tensors(
                     raise CheckpointFileError(f"{path}: tensor {key}'s byte range does not fit its shape {list(shape)}")
                 out = torch.empty(numel, dtype=rule(key, stored) if rule else stored, device=device)
                 if numel:
+                    # The kernel reads this tensor ahead (into its page cache, not ours) while we cast.
+                    _advise(fh, data_start + begin, max(end - begin, READ_AHEAD))
                     fh.seek(data_start + begin)
                     _read_into(fh, out, stored, numel, path, key)
                 yield key, out.view(shape)
