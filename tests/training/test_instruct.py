@@ -153,3 +153,34 @@ def test_default_model_stage2_can_be_instruction_tuned(tmp_path, monkeypatch):
     calls.clear()
     assert default_model.main(["--work", str(tmp_path), "--only", "stage2"]) == 0
     assert not load_config(Stage2Config, calls[0][1][1], calls[0][1][2:]).instructions  # off by default
+
+
+def test_mix_trains_caption_and_vqa_files_together(tmp_path, init):
+    """`mix` adds annotation files of other formats to `data`: a pairs caption file and a VQA-format file in
+    another folder become one VQA-format dataset (one record per caption, empty question), trained with
+    instructions end to end."""
+    from blip2.recipes.stage2 import MixSource, mixed_records
+    from conftest import write_pairs
+
+    captions = write_pairs(tmp_path / "captions", 6)  # rows 1, 3, 5 hold two captions each
+    qa = write_mix(tmp_path / "qa")  # 4 images x (caption, question, chat turn)
+    cfg = load_config(Stage2Config, CONFIG, [
+        f"init_from={init}", "language=null", f"output_dir={tmp_path / 'run'}", f"data.path={captions}",
+        "data.format=pairs", "data.augment=false", "device=cpu", "progress=false", "plot=false", "save_every=0",
+        "warmup_steps=0", "steps=2", "batch_size=6", "export=false", f"mix=[{{format: vqa, path: {qa}}}]"])
+    assert cfg.mix == [MixSource(format="vqa", path=str(qa))]
+    from blip2.data.datasets import read_records
+
+    records = mixed_records(cfg, str(captions.parent), read_records("pairs", captions))
+    assert len(records) == 9 + 12
+    assert records[0] == {"image": "images/000.png", "question": "", "answers": ["a red circle"]}  # cleaned
+    assert records[1]["answers"] == ["a green circle"] and records[2]["answers"] == ["a photo of a green circle"]
+    assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in records[9:])
+    assert records[-1]["history"] == [("what color is this ?", "red")]  # image 3: red
+    assert [ins.task_of(r["question"], r.get("history")) for r in records[9:12]] == ["caption", "vqa", "chat"]
+    result = run(cfg)
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    from blip2.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"mix\[0\].path is empty"):
+        mixed_records(load_config(Stage2Config, None, ["mix=[{format: vqa}]"]), ".", [])

@@ -14,6 +14,9 @@ Each list holds the phrasing our inference uses by default (caption: the soft pr
 BLIP-2's "Question: {} Answer:", REFERENCE §3), so `caption`, `ask` and `chat` stay in the trained
 distribution, plus wordings adapted from InstructBLIP's templates.
 
+Several annotation files train together (`mix` in the stage-2 recipe): `as_vqa_records` turns caption records
+(pairs, COCO) into VQA-format ones with an empty question, one per caption, so one dataset holds every task.
+
 The draw is a pure function of (the run's seed, the micro-batch counter, the record's index): the same on
 every rank and worker, and a resumed run draws what the uninterrupted run drew.
 """
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from blip2.data.datasets import pre_caption
 from blip2.data.text import chat_prompt
 
 TASKS = ("caption", "vqa", "chat")
@@ -93,3 +98,20 @@ def instruction_batch(batch: dict[str, Any], seed: int, micro: int) -> tuple[lis
         prompts.append(phrase(task, draw_rng(seed, micro, index), question, history))
         tasks.append(task)
     return prompts, targets, tasks
+
+
+def as_vqa_records(records: list[dict[str, Any]], image_root: str | Path | None = None,
+                   clean_text: bool = True) -> list[dict[str, Any]]:
+    """Records of any stage-2 format -> VQA-format records {"image", "question", "answers"[, "history"]}: a
+    caption record becomes one record per caption with an empty question (the caption task; the caption is
+    cleaned as the caption datasets clean it, since answers are only stripped). `image_root`: the folder the
+    records' image paths are relative to, made part of them (None: they stay as they are)."""
+    out = []
+    for rec in records:
+        image = rec["image"] if image_root is None else str(Path(image_root).absolute() / rec["image"])
+        if "texts" in rec:
+            out += [{"image": image, "question": "", "answers": [pre_caption(t) if clean_text else t]}
+                    for t in rec["texts"]]
+        else:
+            out.append({"image": image, **{k: rec[k] for k in ("question", "answers", "history") if k in rec}})
+    return out

@@ -12,7 +12,8 @@ each caption into prefix and suffix); VQA data trains on `prompt.format(question
 answer, with the paper's template by default; a VQA record with an empty question is a caption (no template).
 
 Instruction tuning (`instructions: true`, configs/instruct_stage2.yaml): each record is phrased by a template
-drawn per sample (data/instructions.py) for its task, caption, VQA or chat turn, instead of `prompt`.
+drawn per sample (data/instructions.py) for its task, caption, VQA or chat turn, instead of `prompt`. `mix`
+adds more annotation files of any format to `data` (captions become VQA-format records with an empty question).
 
 LoRA (`lora.r` > 0, models/language/lora.py): peft adapters on the frozen LLM's attention projections train
 with the bridge; checkpoints keep them in peft's format under `adapter/`, and `final/` either keeps them beside
@@ -44,7 +45,7 @@ from blip2.convert.checkpoint import CheckpointError, init_model, load_model, sa
 from blip2.data.collate import LMBatch, decoder_only_batch, encoder_decoder_batch, split_caption
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.datasets import DatasetError, build_dataset, check_images, collate, read_records
-from blip2.data.instructions import instruction_batch
+from blip2.data.instructions import as_vqa_records, instruction_batch
 from blip2.data.text import chat_prompt, vqa_template
 from blip2.data.webdataset import check_shards, webdataset_loader
 from blip2.models.blip2 import Blip2Model
@@ -83,6 +84,16 @@ BRIDGE = ("language_model.", "language_projection.")  # what a stage-1 checkpoin
 
 
 @dataclass
+class MixSource:
+    """One more annotation file trained together with `data` (Stage2Config.mix)."""
+
+    format: Literal["pairs", "coco", "vqa", "vqav2"] = "pairs"
+    path: str = ""
+    annotations: str | None = None  # VQAv2 only
+    image_root: str = ""  # "" = the file's folder
+
+
+@dataclass
 class Stage2Config(TrainConfig):
     model: dict[str, Any] | str | None = None  # a whole Blip2Config with `language` (mapping or file): from scratch
     init_from: str | None = None  # a stage-1 checkpoint (with `language`) or a stage-2 one (continue)
@@ -107,6 +118,9 @@ class Stage2Config(TrainConfig):
     # Instruction tuning: phrase every record with a template of its task (caption / VQA / chat turn) drawn per
     # sample from data/instructions.py, instead of `prompt` (which must then be unset).
     instructions: bool = False
+    # More annotation files trained with `data` (e.g. COCO captions + VQAv2 + chat turns for instruction tuning):
+    # all become one VQA-format dataset, caption records with an empty question (data/instructions.py).
+    mix: list[MixSource] = dataclasses.field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -167,6 +181,8 @@ def check_config(cfg: Stage2Config) -> None:
     if cfg.grad_accum < 1 or cfg.steps < 1:
         raise ConfigError("steps and grad_accum must be at least 1")
     check_lora(cfg)
+    if cfg.mix and cfg.data.format == "webdataset":
+        raise ConfigError("mix adds annotation files to an annotation-file dataset, not to webdataset shards")
     if cfg.instructions and cfg.prompt is not None:
         raise ConfigError("instructions: true phrases every record with its own templates: unset `prompt` "
                           "(prompt=null)")
@@ -266,6 +282,21 @@ def llm_dtype(cfg: Stage2Config, device: torch.device, reloaded: bool) -> torch.
     if name == "auto":
         name = cfg.precision if device.type == "cuda" and reloaded else "fp32"
     return PRECISIONS[name]
+
+
+def mixed_records(cfg: Stage2Config, root: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`data`'s records plus every `mix` file's, as one VQA-format list. Image paths stay relative to `data`'s
+    image root for a file that shares it (a feature cache keys images so), else they become absolute."""
+    out = as_vqa_records(records, None, cfg.data.clean_text)
+    for i, src in enumerate(cfg.mix):
+        if not src.path:
+            raise ConfigError(f"mix[{i}].path is empty: give the annotation file")
+        src_root = src.image_root or str(Path(src.path).parent)
+        more = read_records(src.format, src.path, src.annotations)
+        check_images(more, src_root, src.path)  # wrong files fail here, before the model is built
+        same = Path(src_root).absolute() == Path(root).absolute()
+        out += as_vqa_records(more, None if same else src_root, cfg.data.clean_text)
+    return out
 
 
 def check_lora(cfg: Stage2Config, reloaded: bool | None = None) -> None:
@@ -382,7 +413,10 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
         root = cfg.data.image_root or str(Path(cfg.data.path).parent)
         records = read_records(cfg.data.format, cfg.data.path, cfg.data.annotations)
         check_images(records, root, cfg.data.path)  # wrong files fail here, before the model is built
-    if cfg.data.format in ("vqa", "vqav2") and cfg.prompt is not None and "{}" not in cfg.prompt:
+        if cfg.mix:
+            records = mixed_records(cfg, root, records)
+    fmt = "vqa" if cfg.mix else cfg.data.format
+    if fmt in ("vqa", "vqav2") and cfg.prompt is not None and "{}" not in cfg.prompt:
         raise ConfigError(f"VQA data needs a prompt template with {{}} for the question, got {cfg.prompt!r}")
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model, folder = build_model(cfg)
@@ -397,7 +431,7 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
                                             env.rank, cfg.seed, cfg.data.num_workers, env.device.type == "cuda",
                                             train=cfg.data.augment, clean_text=cfg.data.clean_text, check=False)
     else:
-        dataset = build_dataset(cfg.data.format, cfg.data.path, root, model.config.vision.image, records=records,
+        dataset = build_dataset(fmt, cfg.data.path, root, model.config.vision.image, records=records,
                                 train=cfg.data.augment, seed=cfg.seed, clean_text=cfg.data.clean_text,
                                 features=FeatureCache.for_model(cfg.data.feature_cache, model))
         loader, sampler = make_loader(dataset, cfg.batch_size, env.world_size, env.rank, cfg.seed, collate,
