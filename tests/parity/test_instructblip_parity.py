@@ -159,6 +159,7 @@ def test_saved_folder_loads_in_transformers(pair, tmp_path):
     out = save_model(ours.model, tmp_path / "saved", ours.tokenizer, ours.qformer_tokenizer)
     assert json.loads((out / "config.json").read_text())["model_type"] == "instructblip"
     assert (out / "qformer_tokenizer").is_dir()
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "InstructBlipProcessor"
     back = InstructBlipForConditionalGeneration.from_pretrained(out).eval()
     want, got = hf.state_dict(), back.state_dict()
     assert set(want) == set(got)
