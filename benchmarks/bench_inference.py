@@ -16,6 +16,15 @@ transformers' image processor + tokenizer + generate + batch_decode.
 Every generation is given a fixed length (min_new_tokens = max_new_tokens) so both sides do the same number
 of decoding steps, and the generated ids are compared.
 
+Chat rows: a conversation of `--chat-turns` questions about one image, greedy and 5 beams; ours is
+`Blip2.chat(image).ask(q)` (the image encoded once, the LLM's key/value cache kept between turns), transformers
+re-runs the whole conversation prompt with the image through `generate` every turn; turn 1, 5 and 10 are timed
+and the answers compared. bf16 rows: ours loaded in bfloat16 against ours in float32 on the caption and ask
+calls, with the share of tokens that stay equal (bf16 rounds differently: equality is not expected).
+
+Each call's CPU seconds are recorded next to its wall time: with one thread they measure the work done whatever
+other processes take, so on a shared machine the CPU-time ratio is the one to read.
+
     python benchmarks/bench_inference.py                 # full run, 1 thread (~5 min on this CPU)
     python benchmarks/bench_inference.py --threads 0     # all cores (~3 min on an idle 2-core CPU)
     python benchmarks/bench_inference.py --quick         # smoke run
@@ -54,6 +63,7 @@ from transformers import (
 )
 
 import blip2
+from blip2.data.text import chat_prompt
 
 VOCAB = 50272  # OPT's
 IMAGE_TOKEN = 50265  # inside the vocabulary, past the words the prompts use
@@ -74,6 +84,7 @@ QUESTIONS = [
 VQA_TEMPLATE = "Question: {} Answer:"  # REFERENCE §3, what `Blip2.ask` uses for decoder-only LLMs
 CONTENDED = 0.75  # a call whose CPU share falls below this shared the cores with other processes
 MID_CACHE = Path(__file__).resolve().parent.parent / "runs" / "bench" / "mid-random"  # cached_checkpoint's
+TASKS = ("caption", "ask", "e2e", "chat", "bf16")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -184,7 +195,14 @@ class Row:
     # CPU time / (wall time x threads) per call: near 1 when the cores were ours, lower when others took them.
     theirs_cpu_share: list[float] = field(default_factory=list)
     ours_cpu_share: list[float] = field(default_factory=list)
+    # This process's CPU seconds per call. With one thread that is the work done, whatever the neighbours took:
+    # on a shared machine the CPU-time ratio is the one to read (wall times stretch with the others' load).
+    theirs_cpu_s: list[float] = field(default_factory=list)
+    ours_cpu_s: list[float] = field(default_factory=list)
     same_tokens: bool | None = None
+    baseline: str = "transformers"  # what the `theirs` side is: transformers, or ours in float32 for bf16 rows
+    # bf16 rows: share of generated tokens equal to the baseline's (bf16 rounds differently, so tokens may change)
+    token_agreement: float | None = None
 
     @property
     def theirs_per_s(self) -> float:
@@ -200,6 +218,11 @@ class Row:
         return self.ours_per_s / self.theirs_per_s
 
     @property
+    def cpu_ratio(self) -> float:
+        """ours / transformers throughput from the median CPU seconds per call."""
+        return statistics.median(self.theirs_cpu_s) / statistics.median(self.ours_cpu_s)
+
+    @property
     def best_ratio(self) -> float:
         """The same from each side's fastest call: less sensitive to other load on a shared machine."""
         return min(self.theirs_s) / min(self.ours_s)
@@ -209,6 +232,7 @@ class Row:
             **asdict(self), "theirs_median_s": statistics.median(self.theirs_s),
             "ours_median_s": statistics.median(self.ours_s), "theirs_per_s": self.theirs_per_s,
             "ours_per_s": self.ours_per_s, "ratio": self.ratio, "best_ratio": self.best_ratio,
+            "cpu_ratio": self.cpu_ratio,
         }
 
 
@@ -220,15 +244,47 @@ def run_row(row: Row, theirs: Callable[[], object], ours: Callable[[], object], 
     row.same_tokens = same(a, b) if warmup else None
     threads = torch.get_num_threads()
     for _ in range(reps):
-        for fn, times, shares in ((theirs, row.theirs_s, row.theirs_cpu_share), (ours, row.ours_s, row.ours_cpu_share)):
+        for fn, times, shares, cpus in ((theirs, row.theirs_s, row.theirs_cpu_share, row.theirs_cpu_s),
+                                        (ours, row.ours_s, row.ours_cpu_share, row.ours_cpu_s)):
             start, cpu = time.perf_counter(), time.process_time()
             fn()
             times.append(time.perf_counter() - start)
-            shares.append(round((time.process_time() - cpu) / (times[-1] * threads), 2))
-    print(f"  {row.task}: transformers {row.theirs_per_s:.2f} {row.unit}/s, ours {row.ours_per_s:.2f} {row.unit}/s"
-          f"  (same tokens: {row.same_tokens})\n    calls: transformers {_secs(row.theirs_s, row.theirs_cpu_share)};"
+            cpus.append(time.process_time() - cpu)
+            shares.append(round(cpus[-1] / (times[-1] * threads), 2))
+    print(f"  {row.task}: {row.baseline} {row.theirs_per_s:.2f} {row.unit}/s, ours {row.ours_per_s:.2f} {row.unit}/s"
+          f"  (CPU-time ratio {row.cpu_ratio:.2f}; same tokens: {row.same_tokens})\n    calls: {row.baseline} {_secs(row.theirs_s, row.theirs_cpu_share)};"
           f" ours {_secs(row.ours_s, row.ours_cpu_share)}", flush=True)
     return row
+
+
+def run_chat_row(rows: list[Row], name: str, turns: list[int], theirs: Callable[[], list[tuple[float, float, str]]],
+                 ours: Callable[[], list[tuple[float, float, str]]], reps: int, warmup: int) -> None:
+    """Chat: each call is a whole conversation (max(turns) turns) on each side, interleaved; every turn is timed
+    on its own and the rows keep turns `turns`. Answers are compared turn by turn."""
+    threads = torch.get_num_threads()
+    out = {t: Row(f"{name}, turn {t}", "turn", 1) for t in turns}
+    same = True
+    for i in range(warmup + reps):
+        for side, fn in (("theirs", theirs), ("ours", ours)):
+            results = fn()  # (wall s, CPU s, answer) per turn
+            if side == "theirs":
+                answers = [a for _, _, a in results]
+            else:
+                same = same and answers == [a for _, _, a in results]
+            if i < warmup:
+                continue
+            for t in turns:
+                wall, cpu, _ = results[t - 1]
+                getattr(out[t], f"{side}_s").append(wall)
+                getattr(out[t], f"{side}_cpu_s").append(cpu)
+                getattr(out[t], f"{side}_cpu_share").append(round(cpu / (wall * threads), 2))
+    for t in turns:
+        out[t].same_tokens = same
+        r = out[t]
+        print(f"  {r.task}: transformers {statistics.median(r.theirs_s):.2f}s, ours {statistics.median(r.ours_s):.2f}s"
+              f"  (CPU {statistics.median(r.theirs_cpu_s):.2f}s / {statistics.median(r.ours_cpu_s):.2f}s; same answers: "
+              f"{same})", flush=True)
+        rows.append(r)
 
 
 def _load() -> float:
@@ -261,10 +317,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch intra-op threads, both sides; 0 = all cores. 1 by default: where another job holds a "
                         "core, two OpenMP threads wait on each other and calls stretch 10x or more, one thread does not")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 1 rep, batch 2")
+    p.add_argument("--chat-turns", type=int, default=10, help="turns per conversation in the chat rows (0: no chat rows)")
+    p.add_argument("--chat-reps", type=int, default=3, help="timed conversations per side for the chat rows")
+    p.add_argument("--bf16-reps", type=int, default=3,
+                   help="timed calls per side for the bf16 rows (ours bfloat16 vs ours float32; 0: no bf16 rows)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "inference_cpu.json")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated rows to run, of {','.join(TASKS)}")
     args = p.parse_args(argv)
+    tasks = set(args.tasks.split(","))
+    if not tasks <= set(TASKS):
+        p.error(f"--tasks: unknown {sorted(tasks - set(TASKS))}; known: {','.join(TASKS)}")
     if args.quick:
-        args.reps, args.warmup, args.batch_size = 1, 1, 2
+        args.reps, args.warmup, args.batch_size, args.chat_turns, args.chat_reps, args.bf16_reps = 1, 1, 2, 5, 1, 1
 
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -285,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         hf, tokenizer = save_checkpoint(folder)
         hf.to(device, dtype)
         ours = blip2.load(folder, device=device, dtype=dtype)
+        # The bf16 rows: the same weights loaded again in bfloat16, against ours in float32.
+        bf16 = args.bf16_reps and dtype == torch.float32 and "bf16" in tasks
+        ours_bf16 = blip2.load(folder, device=device, dtype=torch.bfloat16) if bf16 else None
         processor = BlipImageProcessorPil.from_pretrained(str(folder))  # transformers' side of end to end
         print(f"built, saved and loaded the checkpoint in {time.perf_counter() - start:.0f}s "
               f"({sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters)", flush=True)
@@ -308,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         bos = torch.full((args.batch_size, 1), tokenizer.bos_token_id, device=device)
         ones = torch.ones_like(bos)
         hf_ids, hf_mask = with_image_tokens(bos, ones)
-        for beams in (1, 5):
+        for beams in ((1, 5) if 'caption' in tasks else ()):
             gen = {**fixed_length(CAPTION_TOKENS, beams), "pad_token_id": tokenizer.pad_token_id}
             name = f"caption, {'greedy' if beams == 1 else f'{beams} beams'}, batch {args.batch_size}, {CAPTION_TOKENS} tokens"
             rows.append(run_row(
@@ -327,14 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         one = pixels[:1]
         n = len(prompts)
 
-        def ours_ask(gen: dict) -> torch.Tensor:
-            # What `Blip2.ask` does with one image: the image encoded once, its features expanded to one row per
-            # question, then the Q-Former (which reads the question too where the model feeds it one).
-            feats = model.encode_image(one)  # (1, N, Dv)
-            soft = ours.soft_prompts(feats.expand(n, -1, -1), QUESTIONS)  # (n, Q, H)
-            return model.generate(input_ids=q_ids, attention_mask=q_mask, soft_prompt=soft, **gen)
+        def ours_ask(gen: dict, side: blip2.Blip2 = ours, pix: torch.Tensor = one) -> torch.Tensor:
+            # What `Blip2.ask` does with one image: the image encoded once, its soft prompt computed once (it does
+            # not read the question), and its keys/values computed once and shared by every question and beam.
+            soft = side.soft_prompts(side.model.encode_image(pix))  # (1, Q, H)
+            rows = torch.zeros(n, dtype=torch.long, device=device)
+            return side.model.lm.generate_shared(soft, rows, q_ids, q_mask, **gen)
 
-        for beams in (1, 5):
+        for beams in ((1, 5) if 'ask' in tasks else ()):
             gen = {**fixed_length(ANSWER_TOKENS, beams), "pad_token_id": tokenizer.pad_token_id}
             if beams > 1:
                 gen["length_penalty"] = -1.0  # the VQA default
@@ -359,12 +426,78 @@ def main(argv: list[str] | None = None) -> int:
                               pad_token_id=tokenizer.pad_token_id, **gen)
             return [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
 
-        rows.append(run_row(
-            Row(f"ask end to end (PIL + strings -> strings), {n} questions, greedy", "answer", n),
-            hf_ask_e2e, lambda: ours.ask(pil, QUESTIONS, num_beams=1, max_new_tokens=ANSWER_TOKENS,
-                                         min_new_tokens=ANSWER_TOKENS),
-            args.warmup, args.reps, lambda a, b: a == b,
-        ))
+        if "e2e" in tasks:
+            rows.append(run_row(
+                Row(f"ask end to end (PIL + strings -> strings), {n} questions, greedy", "answer", n),
+                hf_ask_e2e, lambda: ours.ask(pil, QUESTIONS, num_beams=1, max_new_tokens=ANSWER_TOKENS,
+                                             min_new_tokens=ANSWER_TOKENS),
+                args.warmup, args.reps, lambda a, b: a == b,
+            ))
+
+        # 5. Chat about one image: turn 1, 5 and 10 of a conversation. Ours: `Blip2.chat(image).ask(q)`, which
+        # encodes the image once and keeps the LLM's key/value cache between turns. Transformers: each turn
+        # re-runs the whole conversation prompt (history + question) with the image through `generate`. Both take
+        # strings and return strings; the image is preprocessed once on both sides (ours: inside turn 1's time).
+        if args.chat_turns and "chat" in tasks:
+            chat_pil = images(1, seed=2)[0]
+            chat_pix = processor(chat_pil, return_tensors="pt")["pixel_values"].to(device, dtype)
+            chat_questions = [QUESTIONS[i % n] for i in range(args.chat_turns)]
+            template = ours.question_template
+            turns = sorted({1, min(5, args.chat_turns), args.chat_turns})
+            for beams in (1, 5):
+                gen = fixed_length(ANSWER_TOKENS, beams)
+
+                def theirs_chat(gen: dict = gen) -> list[tuple[float, float, str]]:
+                    history, out = [], []
+                    for q in chat_questions:
+                        start, cpu = time.perf_counter(), time.process_time()
+                        e = tokenizer(chat_prompt(history, q, template), return_tensors="pt")
+                        ids, mask = with_image_tokens(e["input_ids"].to(device), e["attention_mask"].to(device))
+                        new = hf.generate(pixel_values=chat_pix, input_ids=ids, attention_mask=mask,
+                                          pad_token_id=tokenizer.pad_token_id, **gen)
+                        answer = tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                        out.append((time.perf_counter() - start, time.process_time() - cpu, answer))
+                        history.append((q, answer))
+                    return out
+
+                def ours_chat(gen: dict = gen) -> list[tuple[float, float, str]]:
+                    out, start, cpu = [], time.perf_counter(), time.process_time()
+                    session = ours.chat(chat_pil, **gen)  # turn 1 includes preprocessing and encoding the image
+                    for q in chat_questions:
+                        answer = session.ask(q)
+                        out.append((time.perf_counter() - start, time.process_time() - cpu, answer))
+                        start, cpu = time.perf_counter(), time.process_time()
+                    return out
+
+                label = "greedy" if beams == 1 else f"{beams} beams"
+                run_chat_row(rows, f"chat, 1 image, {label}, {ANSWER_TOKENS} tokens per answer", turns, theirs_chat,
+                             ours_chat, args.chat_reps, args.warmup)
+
+        # 6. bf16: ours in bfloat16 against ours in float32 (same weights, same calls as rows 1-3).
+        if ours_bf16 is not None and "bf16" in tasks:
+            m16 = ours_bf16.model
+            pix16 = pixels.to(torch.bfloat16)
+
+            def agreement(row: Row) -> Callable[[torch.Tensor, torch.Tensor], bool]:
+                def compare(fp32: torch.Tensor, bf16: torch.Tensor) -> bool:
+                    row.token_agreement = round(float((fp32.cpu() == bf16.cpu()).float().mean()), 3)
+                    return bool(torch.equal(fp32.cpu(), bf16.cpu()))
+                return compare
+
+            for beams in (1, 5):
+                gen = {**fixed_length(CAPTION_TOKENS, beams), "pad_token_id": tokenizer.pad_token_id}
+                row = Row(f"bf16: caption, {'greedy' if beams == 1 else f'{beams} beams'}, batch {args.batch_size}, "
+                          f"{CAPTION_TOKENS} tokens", "img", args.batch_size, baseline="ours float32")
+                rows.append(run_row(
+                    row, lambda gen=gen: model.generate(model.encode_image(pixels), bos, ones, **gen),
+                    lambda gen=gen: m16.generate(m16.encode_image(pix16), bos, ones, **gen),
+                    args.warmup, args.bf16_reps, agreement(row),
+                ))
+            gen = {**fixed_length(ANSWER_TOKENS, 1), "pad_token_id": tokenizer.pad_token_id}
+            row = Row(f"bf16: ask, {n} questions about 1 image, greedy, {ANSWER_TOKENS} tokens", "answer", n,
+                      baseline="ours float32")
+            rows.append(run_row(row, lambda: ours_ask(gen), lambda: ours_ask(gen, ours_bf16, pix16[:1]), args.warmup, args.bf16_reps,
+                                agreement(row)))
 
     machine["load_after"] = round(_load(), 2)
     print_table(rows, machine, args)
@@ -375,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [r.as_dict() for r in rows],
     }, indent=2))
     print(f"\nwrote {args.out}")
-    return 0 if all(r.same_tokens is not False for r in rows) or args.dtype != "float32" else 1
+    exact = all(r.same_tokens is not False for r in rows if r.baseline == "transformers")
+    return 0 if exact or args.dtype != "float32" else 1
 
 
 def print_table(rows: list[Row], machine: dict, args: argparse.Namespace) -> None:
@@ -383,13 +517,35 @@ def print_table(rows: list[Row], machine: dict, args: argparse.Namespace) -> Non
           f"transformers {machine['transformers']}, {args.device} {args.dtype}; {args.reps} calls per side after "
           f"{args.warmup} warm-up; load average {machine['load_before']} before, {machine['load_after']} after\n")
     print("| task | transformers /s | ours /s | ours / transformers | best call: transformers /s | ours /s "
-          "| ours / transformers | same tokens |")
-    print("|---|---:|---:|---:|---:|---:|---:|:---:|")
+          "| ours / transformers | CPU time: ours / transformers | same tokens |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|:---:|")
     for r in rows:
+        if r.baseline != "transformers" or r.unit == "turn":
+            continue
         same = {True: "yes", False: "**no**", None: "-"}[r.same_tokens]
         print(f"| {r.task} ({r.unit}s/s) | {r.theirs_per_s:.2f} | {r.ours_per_s:.2f} | {r.ratio:.2f} | "
-              f"{r.items / min(r.theirs_s):.2f} | {r.items / min(r.ours_s):.2f} | {r.best_ratio:.2f} | {same} |")
-    print("\n(first three numbers: medians; then each side's fastest call)")
+              f"{r.items / min(r.theirs_s):.2f} | {r.items / min(r.ours_s):.2f} | {r.best_ratio:.2f} | {r.cpu_ratio:.2f} "
+              f"| {same} |")
+    print("\n(first three numbers: medians; then each side's fastest call; then the ratio of median CPU seconds)")
+    chat = [r for r in rows if r.unit == "turn"]
+    if chat:
+        print("\n| chat turn latency | transformers s | ours s | ours / transformers (speed) | best call: transformers s "
+              "| ours s | ours / transformers | CPU s: transformers | ours | ours / transformers | same answers |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+        for r in chat:
+            same = {True: "yes", False: "**no**", None: "-"}[r.same_tokens]
+            print(f"| {r.task} | {statistics.median(r.theirs_s):.2f} | {statistics.median(r.ours_s):.2f} | {r.ratio:.2f} "
+                  f"| {min(r.theirs_s):.2f} | {min(r.ours_s):.2f} | {r.best_ratio:.2f} | {statistics.median(r.theirs_cpu_s):.2f} "
+                  f"| {statistics.median(r.ours_cpu_s):.2f} | {r.cpu_ratio:.2f} | {same} |")
+    bf16 = [r for r in rows if r.baseline != "transformers"]
+    if bf16:
+        print("\n| bf16 | ours fp32 /s | ours bf16 /s | bf16 / fp32 | best call: fp32 /s | bf16 /s | bf16 / fp32 "
+              "| CPU time: bf16 / fp32 | tokens equal to fp32 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in bf16:
+            print(f"| {r.task} ({r.unit}s/s) | {r.theirs_per_s:.2f} | {r.ours_per_s:.2f} | {r.ratio:.2f} | "
+                  f"{r.items / min(r.theirs_s):.2f} | {r.items / min(r.ours_s):.2f} | {r.best_ratio:.2f} "
+                  f"| {r.cpu_ratio:.2f} | {100 * (r.token_agreement or 0):.0f}% |")
     shares = [c for r in rows for c in r.theirs_cpu_share + r.ours_cpu_share]
     contended = sum(c < CONTENDED for c in shares)
     if contended:
