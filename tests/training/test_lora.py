@@ -238,3 +238,31 @@ def test_lora_in_the_caption_finetune_from_a_transformers_checkpoint(tmp_path):
     key = "language_model.model.decoder.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(loaded.state_dict()[key], start.state_dict()[key])  # merged in at load
     assert torch.equal(loaded.state_dict()[key.replace("q_proj", "k_proj")], start.state_dict()[key.replace("q_proj", "k_proj")])
+
+
+@pytest.mark.slow
+def test_lora_two_processes_equal_one_process(tmp_path):
+    """DDP (2 gloo processes, batch 2 each) with adapters trains as one process on batch 4: same losses, and the
+    same adapters and bridge at the end (adapter dropout off: its draws differ between the two layouts)."""
+    from test_ddp import _torchrun
+
+    from blip2.training.config import load_config
+    from blip2.training.metrics import read_metrics
+
+    init = save_tiny_checkpoint(tmp_path / "init", "opt", llm_std=0.5, dropout=False)
+    rows = [{"image": rel, "text": f"a {c} {s}"} for rel, c, s in write_images(tmp_path, 8)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"init_from": str(init), "data": {"path": str(tmp_path / "pairs.jsonl")}, "steps": 3, "lr": 1e-3,
+              "grad_clip": 1e9, "log_every": 1, "progress": False, "plot": False, "device": "cpu",
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    one = run(load_config(Stage2Config, path, [f"output_dir={tmp_path / 'one'}", "batch_size=4"]))
+    _torchrun("blip2.recipes.stage2", path, f"output_dir={tmp_path / 'two'}", "batch_size=2")
+    two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    assert two == pytest.approx(one.losses, rel=1e-5, abs=1e-5)
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / "final" / name)), load_file(str(tmp_path / "two" / "final" / name))
+        assert a.keys() == b.keys()
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
+        assert worst < 1e-5, (name, worst)
