@@ -352,10 +352,12 @@ def test_chat_prompts_carry_the_earlier_turns(files, monkeypatch):
     from blip2.eval.chat import evaluate_chat
     from blip2.inference.pipeline import load
 
+    from blip2.inference.pipeline import ChatSession
+
     model = load(files["opt"])
     prompts = []
-    generate = model._generate
-    monkeypatch.setattr(model, "_generate", lambda soft, p, gen: prompts.extend(p) or generate(soft, p, gen))
+    fit = ChatSession._fit  # each turn's whole prompt (a kept key/value cache then prefills only its new part)
+    monkeypatch.setattr(ChatSession, "_fit", lambda self, q: prompts.append(fit(self, q)) or prompts[-1])
     item = datasets.ChatItem(0, str(files["data"] / "images" / "0.png"), [("what shape is this?", ["circle"]),
                                                                         ("what color is it?", ["red"])])
     out = files["root"] / "out-chat-2"
