@@ -2,8 +2,8 @@
 
 On the same mid-size random model (ViT-B/14 at 224 px, 12 x 768 Q-Former, OPT-125m-sized LLM), each task's
 call is split into: the vision tower, the Q-Former + projection (the soft prompt), and `generate`, which is
-split again by hooks on the LLM's forward into the prefill (its first forward), the decode steps (every later
-forward) and what is left: generate's own per-step work (logits processors, stopping criteria, cache
+split again by hooks on the LLM's forward into the prefill (forwards over more than one position), the decode
+steps (one position each) and what is left: generate's own per-step work (logits processors, stopping criteria, cache
 bookkeeping, beam bookkeeping, input preparation). A cProfile of `generate` lists the biggest items of that
 rest. Times are this process's CPU time, not wall time: with one thread that is the work done, whatever other
 processes on a shared machine take. Writes a markdown table (default benchmarks/results/profile_cpu.md).
@@ -35,19 +35,23 @@ import blip2  # noqa: E402
 
 
 class ForwardTimer:
-    """Times every forward of one module (CPU time, between pre- and post-hook)."""
+    """Times every forward of one module (CPU time, between pre- and post-hook) with its number of positions:
+    more than one is a prefill (generate's first forward, or a shared-prefix/kept-cache prefill), one is a
+    decode step."""
 
     def __init__(self, module: torch.nn.Module):
-        self.times: list[float] = []
-        self._start = 0.0
-        module.register_forward_pre_hook(self._pre)
+        self.times: list[tuple[float, int]] = []
+        self._start, self._positions = 0.0, 0
+        module.register_forward_pre_hook(self._pre, with_kwargs=True)
         module.register_forward_hook(self._post)
 
-    def _pre(self, *_: object) -> None:
+    def _pre(self, _module: object, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        self._positions = int(x.shape[1]) if x is not None else 1
         self._start = time.process_time()
 
     def _post(self, *_: object) -> None:
-        self.times.append(time.process_time() - self._start)
+        self.times.append((time.process_time() - self._start, self._positions))
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -75,13 +79,14 @@ def profile_task(
         t3 = time.process_time()
         if i == 0:
             continue
-        fwd = list(timer.times)
-        steps = len(fwd) - 1
+        prefill = [t for t, n in timer.times if n > 1]
+        step = [t for t, n in timer.times if n == 1]
+        steps = len(step)
         stages["vision"].append(t1 - t0)
         stages["qformer"].append(t2 - t1)
-        stages["prefill"].append(fwd[0])
-        stages["steps"].append(sum(fwd[1:]))
-        stages["overhead"].append((t3 - t2) - sum(fwd))
+        stages["prefill"].append(sum(prefill))
+        stages["steps"].append(sum(step))
+        stages["overhead"].append((t3 - t2) - sum(prefill) - sum(step))
         stages["total"].append(t3 - start)
     row = {k: statistics.median(v) for k, v in stages.items()}
     row["task"], row["decode_steps"] = name, steps
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tasks", default="caption,ask", help="comma-separated: caption, ask")
     p.add_argument("--dtype", default="float32", choices=sorted(bi.DTYPES))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_cpu.md")
     args = p.parse_args(argv)
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, profiles = [], {}
     with torch.inference_mode():
-        for beams in (1, 5):
+        for beams in ((1, 5) if "caption" in args.tasks.split(",") else ()):
             gen = {**bi.fixed_length(bi.CAPTION_TOKENS, beams), "pad_token_id": tokenizer.pad_token_id}
             name = f"caption, {'greedy' if beams == 1 else f'{beams} beams'}, batch {args.batch_size}, {bi.CAPTION_TOKENS} tokens"
             rows.append(profile_task(
@@ -140,20 +146,21 @@ def main(argv: list[str] | None = None) -> int:
             soft = model.soft_prompt(model.encode_image(pixels))
             profiles[name] = top_functions(lambda gen=gen: model.generate(
                 soft_prompt=soft, input_ids=bos, attention_mask=torch.ones_like(bos), **gen))
-        for beams in (1, 5):
+        for beams in ((1, 5) if "ask" in args.tasks.split(",") else ()):
             gen = {**bi.fixed_length(bi.ANSWER_TOKENS, beams), "pad_token_id": tokenizer.pad_token_id}
             if beams > 1:
                 gen["length_penalty"] = -1.0
             name = f"ask, {n} questions about 1 image, {'greedy' if beams == 1 else f'{beams} beams'}, {bi.ANSWER_TOKENS} tokens"
+            # What Blip2.ask does: one soft prompt, its keys/values shared by the questions and beams.
+            rows_ = torch.zeros(n, dtype=torch.long)
             rows.append(profile_task(
-                name, lambda: model.encode_image(one), lambda f: ours.soft_prompts(f.expand(n, -1, -1), bi.QUESTIONS),
-                lambda soft, gen=gen: model.generate(soft_prompt=soft, input_ids=enc["input_ids"],
-                                                     attention_mask=enc["attention_mask"], **gen),
+                name, lambda: model.encode_image(one), ours.soft_prompts,
+                lambda soft, gen=gen: model.lm.generate_shared(soft, rows_, enc["input_ids"], enc["attention_mask"], **gen),
                 timer, args.reps,
             ))
-            soft = ours.soft_prompts(model.encode_image(one).expand(n, -1, -1), bi.QUESTIONS)
-            profiles[name] = top_functions(lambda gen=gen: model.generate(
-                soft_prompt=soft, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen))
+            soft = ours.soft_prompts(model.encode_image(one))
+            profiles[name] = top_functions(lambda gen=gen: model.lm.generate_shared(
+                soft, rows_, enc["input_ids"], enc["attention_mask"], **gen))
 
     lines = [
         "# Inference profile (CPU)",
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         f"random model (311M). Medians of {args.reps} calls, CPU milliseconds; `overhead` = generate's time outside the "
         "LLM's forward calls (logits processors, stopping criteria, cache and beam bookkeeping, input preparation).",
         "",
-        "| task | total | vision tower | Q-Former + projection | LLM prefill | LLM decode steps (n) | per step "
+        "| task | total | vision tower | Q-Former + projection | LLM prefill | LLM 1-position forwards (n) | per step "
         "| generate overhead | overhead per step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
