@@ -252,10 +252,12 @@ def _mem_available_gib() -> float:
     return float("nan")
 
 
-def _rss_gib(pid: int) -> float:
+def _rss_gib(pid: int, field: str = "VmRSS") -> float:
+    """VmRSS, or RssAnon: the part that is not file pages (transformers memory-maps the shards, and mapped
+    pages count as resident but the kernel can drop them under pressure)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024 / GIB
     except OSError:
         pass
@@ -282,10 +284,11 @@ def measure(lib: str, folder: Path, kind: str, need_gib: float, floor_gib: float
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
-    peak_rss, lowest_available, stopped = 0.0, available, None
+    peak_rss, peak_anon, lowest_available, stopped = 0.0, 0.0, available, None
     start = time.perf_counter()
     while proc.poll() is None:
         peak_rss = max(peak_rss, _rss_gib(proc.pid))
+        peak_anon = max(peak_anon, _rss_gib(proc.pid, "RssAnon"))
         free = _mem_available_gib()
         lowest_available = min(lowest_available, free)
         if free < floor_gib:
@@ -299,7 +302,7 @@ def measure(lib: str, folder: Path, kind: str, need_gib: float, floor_gib: float
         time.sleep(0.1)
     out, err = proc.communicate()
     row = {"status": stopped or ("ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"),
-           "peak_rss_polled_gib": peak_rss, "available_before_gib": available, "lowest_available_gib": lowest_available}
+           "peak_rss_polled_gib": peak_rss, "peak_anon_polled_gib": peak_anon, "available_before_gib": available, "lowest_available_gib": lowest_available}
     if proc.returncode == 0 and not stopped:
         row.update(json.loads(out.strip().splitlines()[-1]))
     elif not stopped:
@@ -338,17 +341,17 @@ def run(args: argparse.Namespace) -> dict:
         del model
         row = results["models"].setdefault(name, {})
         row["sizes"] = s
-        disk_free = shutil.disk_usage(args.cache).free / GIB if args.cache.exists() else shutil.disk_usage(Path.home()).free / GIB
         folder = args.cache / name
-        if s["fp32_gib"] > disk_free - 5 and not (folder / "config.json").exists():
-            row["note"] = f"not run: {s['fp32_gib']:.0f} GiB of fp32 shards, {disk_free:.0f} GiB of disk free"
-            print(name, row["note"], flush=True)
-            continue
         # Ours needs about the bf16 model; skip shapes that cannot load here at all (xxl: 12.2B parameters).
         need = s["bf16_gib"] + 0.5
         if need > _mem_available_gib() - args.floor_gib:
             row["note"] = (f"not run: needs ~{need:.1f} GiB in bf16 and this machine has "
                            f"{_mem_available_gib():.1f} GiB available")
+            print(name, row["note"], flush=True)
+            continue
+        disk_free = shutil.disk_usage(args.cache).free / GIB if args.cache.exists() else shutil.disk_usage(Path.home()).free / GIB
+        if s["fp32_gib"] > disk_free - 5 and not (folder / "config.json").exists():
+            row["note"] = f"not run: {s['fp32_gib']:.0f} GiB of fp32 shards, {disk_free:.0f} GiB of disk free"
             print(name, row["note"], flush=True)
             continue
         if not (folder / "config.json").exists():
@@ -387,8 +390,7 @@ def table(results: dict) -> str:
         s = row["sizes"]
         ours, hf = row.get("ours"), row.get("transformers")
         if "note" in row and not ours:
-            status = row["note"]
-            ours = hf = {"status": status}
+            ours, hf = {"status": row["note"]}, {"status": "–"}
         mark = ""
         if ours and ours.get("status") == "ok":
             mark = " ✓" if ours["peak_load_gib"] <= bar_gib(s) else " ✗"

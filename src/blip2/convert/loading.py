@@ -74,12 +74,15 @@ def target_dtype(key: str, stored: torch.dtype, dtype: torch.dtype | None) -> to
     return dtype if key.split(".", 1)[0] in LOW_PRECISION_PARTS else stored
 
 
-def _read_into(fh, out: torch.Tensor, stored: torch.dtype, numel: int, path: Path, key: str) -> None:
+def _read_into(
+    fh, out: torch.Tensor, stored: torch.dtype, numel: int, path: Path, key: str, scratch: torch.Tensor
+) -> None:
     """Fill the flat `out` from the file position: straight into `out` when no cast or move is needed,
-    otherwise through one chunk-sized buffer (the only extra memory)."""
+    otherwise through `scratch`, one CHUNK_BYTES buffer reused for every tensor (the only extra memory: a
+    buffer allocated and freed per tensor left glibc's heap holding 2.3 GiB of freed pieces on Flan-T5-XL)."""
     direct = out.dtype == stored and out.device.type == "cpu"
     step = max(1, CHUNK_BYTES // stored.itemsize)
-    buf = out if direct else torch.empty(min(step, numel), dtype=stored)
+    buf = out if direct else scratch[: min(step, numel) * stored.itemsize].view(stored)
     raw = memoryview(buf.view(torch.uint8).numpy()).cast("B")  # writable bytes over the tensor's memory
     for start in range(0, numel, step):
         n = min(step, numel - start)
@@ -117,6 +120,7 @@ def iter_tensors(
     """(key, tensor) for every stored key starting with `prefix` that `keep` accepts, one at a time, each
     in the dtype `rule` gives (None: as stored) and on `device` (CPU when None)."""
     device = torch.device(device if device is not None else "cpu")
+    scratch = None
     for path in shard_files(folder, prefix):
         data_start, header = read_header(path)
         with open(path, "rb", buffering=0) as fh:
@@ -137,7 +141,9 @@ def iter_tensors(
                     # The kernel reads this tensor ahead (into its page cache, not ours) while we cast.
                     _advise(fh, data_start + begin, max(end - begin, READ_AHEAD))
                     fh.seek(data_start + begin)
-                    _read_into(fh, out, stored, numel, path, key)
+                    if scratch is None:
+                        scratch = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+                    _read_into(fh, out, stored, numel, path, key, scratch)
                 yield key, out.view(shape)
 
 
