@@ -25,7 +25,7 @@ calls, with the share of tokens that stay equal (bf16 rounds differently: equali
 Each call's CPU seconds are recorded next to its wall time: with one thread they measure the work done whatever
 other processes take, so on a shared machine the CPU-time ratio is the one to read.
 
-    python benchmarks/bench_inference.py                 # full run, 1 thread (~5 min on this CPU)
+    python benchmarks/bench_inference.py                 # full run, 1 thread (~15 min on this CPU, idle)
     python benchmarks/bench_inference.py --threads 0     # all cores (~3 min on an idle 2-core CPU)
     python benchmarks/bench_inference.py --quick         # smoke run
 """

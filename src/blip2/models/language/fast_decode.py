@@ -7,9 +7,11 @@ profile (benchmarks/results/profile_cpu.md) puts that prefill at 15-50% of a 5-b
 
 `prefill_once_per_row` intercepts that first forward: it runs the LLM on one copy of each row, then repeats
 the key/value cache and the logits `num_beams` times, which is what the full forward would have produced: the
-rows of a batch are computed independently (every matmul, attention and norm works row by row), so each
-row's numbers are the same whatever the batch around it. The tests compare the tokens with the plain path on
-tiny random OPT, Llama and Flan-T5 models, greedy and beam, batched and left-padded.
+rows of a batch are computed independently (every matmul, attention and norm works row by row), so on CPU with
+one thread each row's numbers are the same bit for bit whatever the batch around it (`bit_exact` says where
+that holds; elsewhere the prefill keeps its full batch). The tests compare the logits and cache bit for bit and
+the tokens with the plain path on tiny random OPT, Llama and Flan-T5 models, greedy, beam and sampled, batched
+and left-padded.
 """
 
 from __future__ import annotations
