@@ -2,7 +2,7 @@
 
 For each published shape (blip2-opt-2.7b, blip2-opt-6.7b, blip2-flan-t5-xl, blip2-itm-vit-g; xxl where the
 machine has the memory) a full-size checkpoint with random weights is written as float32 safetensors shards in
-transformers' layout, as on the hub (10 GB shards, an index, tied weights stored once), into a cache folder
+transformers' layout, as on the hub (10 GB shards, an index; every state-dict name), into a cache folder
 (default ~/.cache/blip2/bench, never the repository). Then each library loads it with dtype bfloat16 in a
 fresh subprocess, and we record its peak resident memory (VmHWM, the kernel's high-water mark of the child's
 RSS), the load time, and the time to a first caption of one image with 5 new tokens (greedy; retrieval
@@ -81,7 +81,8 @@ def hf_model_on_meta(name: str):
 
 
 def stored_tensors(model) -> list[tuple[str, tuple[int, ...]]]:
-    """(key, shape) of what save_pretrained stores: every state-dict tensor, tied ones once (the first key)."""
+    """(key, shape) of every state-dict tensor, shared objects once. On a model built on meta the tied
+    embeddings are separate objects, so they are written under each of their names."""
     seen: set[int] = set()
     out = []
     for key, t in model.state_dict(keep_vars=True).items():
@@ -376,13 +377,23 @@ def _cell(r: dict | None, key: str, fmt: str) -> str:
     if not r:
         return "–"
     if r.get("status") != "ok":
-        return r.get("status", "–").split(" (")[0]
+        # a skipped shape says why once (in the peak column); a stopped child shows where it stopped
+        shown = key == "peak_load_gib" or not r.get("status", "").startswith("not run")
+        return r.get("status", "–").split(" (")[0] if shown else "–"
     return fmt.format(r[key])
+
+
+def _anon(r: dict | None) -> str:
+    """The polled peak of anonymous memory, where measured: what the kernel cannot drop under pressure
+    (memory-mapped shard pages count in VmHWM but are page cache)."""
+    if not r or r.get("status") != "ok" or "peak_anon_polled_gib" not in r:
+        return ""
+    return f" ({r['peak_anon_polled_gib']:.1f} anon)"
 
 
 def table(results: dict) -> str:
     lines = [
-        "| checkpoint | parameters | fp32 | bf16 | int8 | int4 | bar (1.25 × bf16 + 0.5) | peak to load: ours | "
+        "| checkpoint | parameters | fp32 | bf16 | int8 | int4 | bar (1.25 × bf16 + 0.5) | peak RSS to load: ours | "
         "transformers | load: ours | transformers | first caption: ours | transformers |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -397,7 +408,8 @@ def table(results: dict) -> str:
         lines.append(
             f"| {name} | {s['params'] / 1e9:.2f} B | {s['fp32_gib']:.1f} GiB | {s['bf16_gib']:.1f} GiB | "
             f"{s['int8_gib']:.1f} GiB | {s['int4_gib']:.1f} GiB | {bar_gib(s):.1f} GiB | "
-            f"{_cell(ours, 'peak_load_gib', '{:.1f} GiB')}{mark} | {_cell(hf, 'peak_load_gib', '{:.1f} GiB')} | "
+            f"{_cell(ours, 'peak_load_gib', '{:.1f} GiB')}{mark}{_anon(ours)} | "
+            f"{_cell(hf, 'peak_load_gib', '{:.1f} GiB')}{_anon(hf)} | "
             f"{_cell(ours, 'load_s', '{:.0f} s')} | {_cell(hf, 'load_s', '{:.0f} s')} | "
             f"{_cell(ours, 'first_s', '{:.0f} s')} | {_cell(hf, 'first_s', '{:.0f} s')} |"
         )
