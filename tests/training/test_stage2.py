@@ -189,6 +189,27 @@ def test_vqa_history_prompts_match_chat(tokenizers):
         assert (text.labels[row, :n_prompt] == -100).all() and (text.labels[row, n_prompt : len(ids)] != -100).all()
 
 
+def test_vqa_prompts_follow_the_models_question_template(tokenizers):
+    """An InstructBLIP model asks with the raw instruction ("{}"): training without a prompt builds the same LLM
+    prompt `Blip2.ask` sends, not BLIP-2's "Question: {} Answer:"; an explicit prompt still wins."""
+    from transformers import AutoTokenizer
+
+    from blip2.recipes.stage2 import text_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers["opt"])
+    batch = {"index": torch.tensor([0]), "question": ["what color is it?"], "answer": ["red"]}
+    ids = lambda prompt: tokenizer(prompt)["input_ids"]  # noqa: E731
+    raw = text_batch(batch, tokenizer, Stage2Config(data=DataConfig(max_text_len=40)), False, 0,
+                     question_template="{}")
+    assert raw.input_ids[0, : len(ids("what color is it?"))].tolist() == ids("what color is it?")
+    blip2_style = text_batch(batch, tokenizer, Stage2Config(data=DataConfig(max_text_len=40)), False, 0)
+    assert blip2_style.input_ids[0, : len(ids("Question: what color is it? Answer:"))].tolist() == \
+        ids("Question: what color is it? Answer:")
+    explicit = text_batch(batch, tokenizer, Stage2Config(prompt="Q: {} A:", data=DataConfig(max_text_len=40)),
+                          False, 0, question_template="{}")
+    assert explicit.input_ids[0, : len(ids("Q: what color is it? A:"))].tolist() == ids("Q: what color is it? A:")
+
+
 def test_the_frozen_llm_in_half_precision(tmp_path, stage1_folder, tokenizers):
     """llm_dtype "auto" casts the frozen LLM to the autocast dtype on GPU, and only an LLM reloaded from
     `language.pretrained` (one stored in our checkpoints is never rounded unasked); bf16 asked for on CPU

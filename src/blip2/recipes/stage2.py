@@ -362,13 +362,15 @@ def export(model: Blip2Model, cfg: Stage2Config, folder: Path, tokenizer) -> Pat
 
 
 def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_decoder: bool, micro: int,
-               eos_token_id: int | None = None) -> LMBatch:
-    """The batch's texts -> LLM ids and labels (see the module docstring and data/collate.py)."""
+               eos_token_id: int | None = None, question_template: str | None = None) -> LMBatch:
+    """The batch's texts -> LLM ids and labels (see the module docstring and data/collate.py).
+    `question_template`: the model's own (InstructBLIP: "{}"), which `Blip2.ask` uses at inference; None: the
+    LLM family's BLIP-2 template."""
     n = len(batch["index"])
     if cfg.instructions:  # one template per sample, drawn from (seed, micro-batch, index): resume draws the same
         prompts, targets, _ = instruction_batch(batch, cfg.seed, micro)
     elif "question" in batch:  # VQA
-        template = cfg.prompt if cfg.prompt is not None else vqa_template(encoder_decoder)
+        template = cfg.prompt if cfg.prompt is not None else (question_template or vqa_template(encoder_decoder))
         if "{}" not in template:
             raise ConfigError(f"VQA data needs a prompt template with {{}} for the question, got {template!r}")
         # An empty question marks a caption record: the LLM reads only the soft prompt (mixed caption+VQA data).
@@ -506,7 +508,7 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
             batch = next(batches)
             micro += 1
             skipped += batch["skipped"]
-            text = text_batch(batch, tokenizer, cfg, encoder_decoder, micro, eos_id)
+            text = text_batch(batch, tokenizer, cfg, encoder_decoder, micro, eos_id, model.config.question_template)
             dec_mask = text.decoder_attention_mask.to(env.device) if text.decoder_attention_mask is not None else None
             qformer = {}
             if qtokenizer is not None:  # the question ("" for captions) for the Q-Former, as at inference
