@@ -210,6 +210,22 @@ def test_vqa_prompts_follow_the_models_question_template(tokenizers):
     assert explicit.input_ids[0, : len(ids("Q: what color is it? A:"))].tolist() == ids("Q: what color is it? A:")
 
 
+def test_the_qformer_reads_what_it_reads_at_inference():
+    """question_to_qformer training feeds the Q-Former what `Blip2` feeds it: the question, else the caption prompt
+    (fixed or drawn instruction), else ""."""
+    from blip2.data.instructions import instruction_batch
+    from blip2.recipes.stage2 import qformer_texts
+
+    vqa = {"index": torch.tensor([0, 1]), "question": ["is it red?", ""], "answer": ["yes", "a red circle"]}
+    assert qformer_texts(vqa, Stage2Config(prompt="Question: {} Answer:"), 0) == ["is it red?", ""]
+    captions = {"index": torch.tensor([0, 1]), "text": ["a red circle", "a blue square"]}
+    assert qformer_texts(captions, Stage2Config(prompt="a photo of"), 0) == ["a photo of", "a photo of"]
+    assert qformer_texts(captions, Stage2Config(), 0) == ["", ""]
+    cfg = Stage2Config(instructions=True, prompt=None)
+    drawn = instruction_batch(vqa, cfg.seed, 5)[0]
+    assert qformer_texts(vqa, cfg, 5) == ["is it red?", drawn[1]] and drawn[1]
+
+
 def test_the_frozen_llm_in_half_precision(tmp_path, stage1_folder, tokenizers):
     """llm_dtype "auto" casts the frozen LLM to the autocast dtype on GPU, and only an LLM reloaded from
     `language.pretrained` (one stored in our checkpoints is never rounded unasked); bf16 asked for on CPU

@@ -393,6 +393,21 @@ def text_batch(batch: dict[str, Any], tokenizer, cfg: Stage2Config, encoder_deco
     return decoder_only_batch(tokenizer, prompts, targets, cfg.data.max_text_len, cfg.append_eos, eos_token_id)
 
 
+def qformer_texts(batch: dict[str, Any], cfg: Stage2Config, micro: int) -> list[str]:
+    """What the Q-Former of a `question_to_qformer` model reads for each sample, as `Blip2` feeds it at
+    inference: the question (`ask`, `chat`), else the caption prompt (`caption(prompt=...)`: the instruction drawn
+    for the sample, or the config's fixed caption prompt), else "" (an unprompted caption)."""
+    n = len(batch["index"])
+    questions = list(batch.get("question") or [""] * n)
+    if cfg.instructions:
+        prompts = instruction_batch(batch, cfg.seed, micro)[0]  # the same draws as text_batch's
+    elif "question" not in batch and cfg.prompt:
+        prompts = [cfg.prompt] * n
+    else:  # a VQA template is not a caption prompt; T5's caption prefixes are targets' halves, not prompts
+        prompts = [""] * n
+    return [q if q else p for q, p in zip(questions, prompts)]
+
+
 # ------------------------------------------------------------------------------------------------- run
 
 
@@ -512,8 +527,7 @@ def _train(cfg: Stage2Config, env: DistEnv) -> TrainResult:
             dec_mask = text.decoder_attention_mask.to(env.device) if text.decoder_attention_mask is not None else None
             qformer = {}
             if qtokenizer is not None:  # the question ("" for captions) for the Q-Former, as at inference
-                questions = batch.get("question") or [""] * len(batch["index"])
-                enc = qtokenizer(list(questions), return_tensors="pt", padding="longest", truncation=True,
+                enc = qtokenizer(qformer_texts(batch, cfg, micro), return_tensors="pt", padding="longest", truncation=True,
                                  max_length=cfg.data.max_text_len)
                 qformer = {"qformer_ids": enc["input_ids"].to(env.device), "qformer_mask": enc["attention_mask"].to(env.device)}
             with no_sync(objective, sync=k == cfg.grad_accum - 1):
