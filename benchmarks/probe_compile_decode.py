@@ -1,7 +1,7 @@
 """Probe: does a static key/value cache with a compiled decode step (transformers' `cache_implementation="static"`
 + `CompileConfig`, torch inductor on CPU) speed up greedy decoding, and does it keep every token?
 
-Not wired into the library yet (issue 13 item 4): this measures the option on the mid-size random model that
+The library's opt-in `blip2.load(..., compile_decode=True)` uses these settings; this measures them on the mid-size random model that
 `bench_inference.py` caches (`runs/bench/mid-random`; run that benchmark once first). Only the LLM's generate is
 timed, on a fixed soft prompt of 4 images, greedy, 20 new tokens, 1 thread: plain (dynamic cache), static cache,
 static cache + compiled forward (the first compiled call, which compiles, is reported separately).

@@ -205,7 +205,8 @@ def _load(args: argparse.Namespace):
     dtype = _resolve_dtype(args.dtype, device)
     return blip2.load(args.model, device=device, dtype=dtype, batch_size=args.batch_size,
                       device_map=getattr(args, "device_map", None), max_memory=getattr(args, "max_memory", None),
-                      quantize=getattr(args, "quantize", None))
+                      quantize=getattr(args, "quantize", None),
+                      compile_decode=getattr(args, "compile_decode", False))
 
 
 def _print_json(rows: Any) -> None:
@@ -503,6 +504,9 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=("8bit", "4bit"), default=None,
                    help="load the language model in 8-bit or 4-bit (CUDA and bitsandbytes only; "
                         "the rest in --dtype)")
+    g.add_argument("--compile-decode", action="store_true",
+                   help="greedy/sampled decoding on a static key/value cache with a compiled forward "
+                        "(decoder-only LLMs; the first call per batch shape compiles, seconds to a minute)")
     g.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="images (and prompts) per forward pass (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")

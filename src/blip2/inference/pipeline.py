@@ -561,6 +561,7 @@ def load(
     max_memory: dict | None = None,
     offload_folder: str | os.PathLike | None = None,
     quantize: str | None = None,
+    compile_decode: bool = False,
 ) -> Blip2:
     """Load a BLIP-2 checkpoint: a local folder, a hub name (Salesforce/blip2-opt-2.7b), or "default".
     `max_prompt_tokens`: the prompt cap of every call (None: the LLM's context; the default model: 512).
@@ -568,7 +569,9 @@ def load(
     Tensors are read one at a time, cast to `dtype` and put on `device` as read: loading peaks near the
     model's own size. `device_map` ("auto", "balanced", "sequential" or {LLM module: device}, with
     `max_memory`/`offload_folder`) spreads the frozen LLM over GPUs, CPU memory and disk; `quantize`
-    ("8bit"/"4bit", CUDA + bitsandbytes) loads the LLM quantized, the rest in `dtype` (default float16)."""
+    ("8bit"/"4bit", CUDA + bitsandbytes) loads the LLM quantized, the rest in `dtype` (default float16).
+    `compile_decode`: greedy/sampled decoding on a static cache with a compiled forward (decoder-only LLMs;
+    see `blip2.models.language.fast_decode.enable_compiled_decode`)."""
     from blip2.inference.registry import DEFAULT_MODEL_PROMPT_TOKENS, resolve_name
 
     if max_prompt_tokens is None and str(name_or_path) == "default":
@@ -581,6 +584,12 @@ def load(
         dtype = names[dtype]
     model, folder = load_model(resolve_name(name_or_path), device=device, dtype=dtype, device_map=device_map,
                                max_memory=max_memory, offload_folder=offload_folder, quantize=quantize)
+    if compile_decode:
+        if not hasattr(model, "language_model"):
+            raise ValueError("compile_decode needs a model with a language model (a stage-2 checkpoint)")
+        from blip2.models.language.fast_decode import enable_compiled_decode
+
+        enable_compiled_decode(model.language_model)
     tokenizer = _load_tokenizer(folder)
     qformer_tokenizer = None
     if (folder / "qformer_tokenizer").is_dir():

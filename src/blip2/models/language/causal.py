@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from blip2.models.language import kv_cache
-from blip2.models.language.fast_decode import prefill_once_per_row, repeated_rows
+from blip2.models.language.fast_decode import compiled_decode_settings, prefill_once_per_row, repeated_rows
 
 IGNORE = -100
 
@@ -59,6 +59,7 @@ class CausalLanguageModel:
         of [prefix; text], one row per sequence `generate` runs (B * num_beams); only the rest is prefilled, and
         the cache is updated in place (kv_cache.py)."""
         embeds, mask = self._inputs(prefix, input_ids, attention_mask)
+        generation.update(compiled_decode_settings(self.model, generation, cache is not None))  # opt-in only
         if cache is not None:
             generation["cache"] = cache
         # Beam search repeats each row num_beams times before its prefill: that prefill runs once per row
