@@ -25,6 +25,8 @@ import torch
 from transformers import CompileConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from blip2.models.language import kv_cache
+
 # Model outputs other than the logits and the cache that a caller may ask generate for; with any of them the
 # prefill runs unchanged (we would have to repeat them too).
 _EXTRA_OUTPUTS = ("output_attentions", "output_hidden_states")
@@ -48,13 +50,11 @@ def _batched(kwargs: dict[str, Any], rows: int) -> dict[str, torch.Tensor]:
 
 
 def repeated_rows(model: PreTrainedModel, generation: dict[str, Any]) -> int:
-    """How many copies of each row `generate` will make with these settings: num_beams for beam search,
-    num_return_sequences when sampling several (its `_expand_inputs_for_generation`). A wrong guess costs
-    nothing but the saving: `prefill_once_per_row` checks that the rows really are copies."""
-    config = model.generation_config
-    beams = generation.get("num_beams", config.num_beams) or 1
-    returns = generation.get("num_return_sequences", config.num_return_sequences) or 1
-    return max(int(beams), int(returns))
+    """How many copies of each row `generate` will make with these settings (num_beams for beam search,
+    num_return_sequences when sampling several): `kv_cache.rows_per_sequence`'s count, 1 for the modes it leaves
+    to the plain path. A wrong count costs nothing but the saving: `prefill_once_per_row` checks that the rows
+    really are copies."""
+    return kv_cache.rows_per_sequence(model, generation) or 1
 
 
 COMPILED_DECODE = "_blip2_compiled_decode"  # the opt-in flag's attribute on the LLM
@@ -77,9 +77,7 @@ def enable_compiled_decode(model: PreTrainedModel) -> None:
 def compiled_decode_settings(model: PreTrainedModel, generation: dict[str, Any], has_cache: bool) -> dict[str, Any]:
     """The generate settings that turn the opted-in compiled decode on for this call, else {}."""
     if has_cache or not getattr(model, COMPILED_DECODE, False) or repeated_rows(model, generation) != 1:
-        return {}
-    if generation.get("num_beams", 1) != 1:
-        return {}
+        return {}  # beam search and several returned sequences keep the plain path
     config = CompileConfig(fullgraph=False)
     config._compile_all_devices = True  # transformers' own switch for compiling on CPU
     return {"cache_implementation": "static", "compile_config": config}
