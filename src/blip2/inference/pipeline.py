@@ -526,7 +526,7 @@ class ChatSession:
             held = (ids + out[0].tolist())[: cache.get_seq_length() - queries]
         else:
             kv_cache.crop(cache, queries + len(ids))  # the prompt: identical in every beam's row
-            cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=owner.device))
+            cache.batch_select_indices(torch.zeros(1, dtype=torch.long))  # CPU indices: any layer's device
             held = ids
         self._cache, self._held, self._soft = cache, held, soft
         return owner._decode(out[:1])[0]
