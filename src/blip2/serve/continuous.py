@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,8 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     prefix: Hashable | None = None  # rows admitted together with the same key share their first prefix_len
     prefix_len: int = 0
-
+    past: DynamicCache | None = None  # keys/values of the first embeddings (one row), from the prefix cache
+    keep: Callable[[DynamicCache, list[int]], None] | None = None  # gets the row's cache when it finishes
 
 class ContinuousDecoder:
     """Drives greedy/sampling decode steps of one decoder-only LM over a batch whose rows come and go.
@@ -110,20 +111,32 @@ class ContinuousDecoder:
         return len(self._waiting)
 
     def add(self, key: Hashable, embeds: torch.Tensor, settings: dict[str, Any],
-            prefix: Hashable | None = None, prefix_len: int = 0) -> None:
+            prefix: Hashable | None = None, prefix_len: int = 0, past: DynamicCache | None = None,
+            keep: Callable[[DynamicCache, list[int]], None] | None = None) -> None:
         """Queue a request. embeds (T, H): its [soft prompt; prompt token embeddings], unpadded. settings:
         what `generate` takes (max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, ...) plus an optional `seed` for sampling. Unsupported settings fail here.
         prefix: a key saying that the first `prefix_len` embeddings equal those of every other request with
-        that key (the same image's soft prompt): requests admitted together then prefill that part once."""
+        that key (the same image's soft prompt): requests admitted together then prefill that part once.
+        past: a cache (one row) of the first P < T embeddings' keys/values (a prefix cache hit, serve/
+        prefix_cache.py): the row prefills only embeds[P:]; `prefix` is then ignored. keep: called with the
+        row's own cache (one row, unpadded: [embeds; generated tokens but the last]) and the generated tokens
+        it holds when the row finishes (EOS or its length limit), so the prefix cache can keep it."""
         if any(row.key == key for row in (*self._rows, *self._waiting)):
             raise ValueError(f"a request with key {key!r} is already decoding")
         if embeds.dim() != 2 or embeds.shape[0] == 0 or embeds.shape[1] != self._width:
             raise ValueError(f"embeds must be (T >= 1, {self._width}), got {tuple(embeds.shape)}")
         if prefix is not None and not 0 < prefix_len < embeds.shape[0]:
             raise ValueError(f"prefix_len must be in [1, {embeds.shape[0] - 1}] (the text needs a position), got {prefix_len}")
+        if past is not None:
+            if not self._takes_positions:
+                raise ValueError(f"{type(self.lm).__name__} takes no position ids: a cached prefix would shift them")
+            if not 0 < past.get_seq_length() < embeds.shape[0]:
+                raise ValueError(f"past must hold 1 to {embeds.shape[0] - 1} positions, got {past.get_seq_length()}")
+            prefix = None
         row = self._plan(key, embeds, settings)
         row.prefix, row.prefix_len = (prefix, prefix_len) if prefix is not None else (None, 0)
+        row.past, row.keep = past, keep
         self._waiting.append(row)
 
     def cancel(self, key: Hashable) -> None:
@@ -196,21 +209,47 @@ class ContinuousDecoder:
         positions exactly as generate prefills a padded batch (one request: generate's unpadded prefill), then
         join their caches to the batch. One pass instead of one per request is what makes short answers cheap:
         for them the prefill is most of the work."""
+        out: list[tuple[Hashable, int, bool]] = []
+        fresh = [row for row in rows if row.past is None]
+        if fresh:
+            out += self._admit_group(fresh)
+        for row in rows:
+            if row.past is not None:
+                # A prefix cache hit prefills only what its cache lacks, alone: a copy of its own cache rows
+                # and a pass over the new embeddings, positions after the cached ones (no padding anywhere).
+                out += self._admit_group([row])
+        return out
+
+    def _admit_group(self, rows: list[_Row]) -> list[tuple[Hashable, int, bool]]:
         device = self.lm.device
         embeds = [row.embeds.to(device, self.lm.dtype) for row in rows]  # each (T_i, H)
         for row in rows:
             row.embeds = None
-        if self._shares_prefixes(rows):
+        if rows[0].past is not None:
+            cache, mask, logits = self._prefill_past(rows[0], embeds[0])
+        elif self._shares_prefixes(rows):
             cache, mask, logits = self._prefill_shared(rows, embeds)
         else:
             cache, mask, logits = self._prefill(embeds)
         chosen = self._choose(rows, logits)
+        for i, (row, (_, finished)) in enumerate(zip(rows, chosen)):
+            if finished and row.keep is not None:
+                row.keep(_row_cache(cache, mask, i), [])  # the first token was never fed
         keep = [i for i, (_, finished) in enumerate(chosen) if not finished]
         if keep:
             if len(keep) < len(rows):
                 cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=device))
             self._join([rows[i] for i in keep], cache, mask[keep], [chosen[i][0] for i in keep])
         return [(row.key, token, finished) for row, (token, finished) in zip(rows, chosen)]
+
+    def _prefill_past(self, row: _Row, embeds: torch.Tensor) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One row whose first P positions are in `row.past`: a pass over embeds[P:] only."""
+        cache, row.past = row.past, None
+        past = cache.get_seq_length()
+        positions = torch.arange(past, embeds.shape[0], device=embeds.device)[None]  # (1, T-P)
+        out = self.lm(inputs_embeds=embeds[None, past:], cache=cache, position_ids=positions, **self._forward_kw)
+        mask = torch.ones(1, embeds.shape[0], dtype=torch.long, device=embeds.device)
+        return cache, mask, out.logits[:, -1]
 
     def _prefill(self, embeds: list[torch.Tensor]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """One left-padded pass over whole rows: their cache, mask (n, L) and last logits (n, V)."""
@@ -287,6 +326,9 @@ class ContinuousDecoder:
         self._mask, self._positions = mask, self._positions + 1
         chosen = self._choose(self._rows, logits)
         out = [(row.key, token, finished) for row, (token, finished) in zip(self._rows, chosen)]
+        for i, (row, (_, finished)) in enumerate(zip(self._rows, chosen)):
+            if finished and row.keep is not None:
+                row.keep(_row_cache(self._cache, self._mask, i), row.tokens[:-1])  # the last was never fed
         self._last = self._last.new_tensor([token for token, _ in chosen])
         keep = [i for i, (_, finished) in enumerate(chosen) if not finished]
         if len(keep) < batch:
@@ -336,6 +378,16 @@ class ContinuousDecoder:
             self._mask = self._mask[:, start:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _row_cache(cache: DynamicCache, mask: torch.Tensor, i: int) -> DynamicCache:
+    """Row i of a batch cache without its padding columns (mask (B, L) over the cache's L positions): a copy,
+    one row, as if that row had run alone (its positions never counted the padding)."""
+    columns = mask[i].nonzero().squeeze(1)
+    out = DynamicCache()  # plain layers, made as `update` fills them (the decoder serves plain caches only)
+    for n, layer in enumerate(cache.layers):
+        out.update(layer.keys[i : i + 1, :, columns], layer.values[i : i + 1, :, columns], n)
+    return out
 
 
 def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -15,15 +15,23 @@ when its content hash is there (`serve/cache.py`). Jobs about the same image (sa
 questions of one /v1/ask request) batched together share its soft prompt: the Q-Former runs once per image and,
 when the soft prompt does not read the question, the LLM prefills it once for all of them (and their beams),
 in both ways of batching (`generate_shared`, `ContinuousDecoder` prefixes).
+Across requests, the prefix cache (`serve/prefix_cache.py`) keeps the LLM's keys/values of a finished
+continuous request ([soft prompt; prompt; answer]); a later request about the same image that is alone for its
+image in its join looks up the longest cached prefix of its tokens and prefills only the rest (a chat client
+resending its conversation each turn pays for the new turn only). Jobs about one image that join together keep
+the shared prefill above (one pass for all, cheaper than one cached pass each); beam search gets the cache when
+it runs alone (one job in its batch), from the cached rows copied to every beam, as `ChatSession` does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +42,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from blip2.data.text import tokenize_prompts
 from blip2.inference.pipeline import Blip2
+from blip2.models.language import kv_cache
 from blip2.serve.cache import FeatureCache
 from blip2.serve.continuous import ContinuousDecoder
 from blip2.serve.metrics import Metrics
+from blip2.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger("blip2.serve")
 
@@ -132,7 +142,8 @@ _STOP = object()
 
 class Engine:
     def __init__(self, blip2: Blip2, *, max_batch_size: int = 16, max_wait_s: float = 0.01, max_queue: int = 256,
-                 cache_bytes: int = 512 * 1024**2, metrics: Metrics | None = None, continuous: bool = True):
+                 cache_bytes: int = 512 * 1024**2, metrics: Metrics | None = None, continuous: bool = True,
+                 prefix_cache_bytes: int = 256 * 1024**2):
         self.blip2 = blip2
         # Greedy and sampled requests to a decoder-only LLM join the running batch between decode steps; beam
         # search and encoder-decoder LLMs run as whole `generate` batches (see the module docstring).
@@ -147,6 +158,14 @@ class Engine:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.cache = FeatureCache(cache_bytes)
+        # Keys/values across requests: decoder-only LLMs whose cache may be kept, soft prompts that do not read
+        # the question (one that does differs per question, so nothing would be shared). Others: None.
+        self.prefix: PrefixCache | None = None
+        config = getattr(blip2.model, "config", None)
+        if (prefix_cache_bytes > 0 and blip2.tokenizer is not None and hasattr(blip2.model, "language_model")
+                and not getattr(config, "question_to_qformer", False)
+                and kv_cache.can_keep(blip2.model.language_model)):
+            self.prefix = PrefixCache(prefix_cache_bytes)
         self.metrics = metrics or Metrics()
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[_Job] = []  # taken off the queue, not yet run (worker thread only)
@@ -162,6 +181,17 @@ class Engine:
                            lambda: self.cancelled)
         self.metrics.gauge("blip2_image_cache_bytes", "Bytes of image features held.", lambda: self.cache.bytes)
         self.metrics.gauge("blip2_image_cache_images", "Images whose features are held.", lambda: len(self.cache))
+        prefix = self.prefix
+        for name, help_text, read in (
+            ("hits_total", "Requests whose prefill started from cached keys/values.", lambda: prefix.hits),
+            ("misses_total", "Requests that found no cached prefix.", lambda: prefix.misses),
+            ("reused_tokens_total", "Positions (soft prompt included) served from the prefix cache instead of "
+             "prefilled.", lambda: prefix.reused_tokens),
+            ("evictions_total", "Prefix cache entries evicted for room.", lambda: prefix.evictions),
+            ("bytes", "Bytes of keys/values held by the prefix cache.", lambda: prefix.bytes),
+            ("entries", "Prefixes held by the prefix cache.", lambda: len(prefix)),
+        ):
+            self.metrics.gauge(f"blip2_prefix_cache_{name}", help_text, (lambda: 0) if prefix is None else read)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -299,15 +329,24 @@ class Engine:
         try:
             soft, rows, shared = self._soft_prompts(jobs)  # (U, Q, H), each job's row
             lm = b.model.lm
+            per_image = Counter(job.image.sha256 for job in jobs)
             for job, row in zip(jobs, rows.tolist()):
-                ids = b.tokenizer(job.prompt, return_tensors="pt")["input_ids"].to(b.device)  # (1, T)
+                token_ids: list[int] = b.tokenizer(job.prompt)["input_ids"]
+                ids = torch.tensor([token_ids], dtype=torch.long, device=b.device)  # (1, T)
                 embeds = torch.cat([soft[row].to(lm.model.dtype), lm.embed(ids)[0]])  # (Q+T, H)
                 settings = {k: v for k, v in job.settings.items()}
                 if b.tokenizer.pad_token_id is not None:
                     settings.setdefault("pad_token_id", b.tokenizer.pad_token_id)
                 # Jobs about one image admitted together prefill its soft prompt once (continuous.py).
                 prefix = job.image.sha256 if shared else None
-                self.decoder.add(job, embeds, settings, prefix=prefix, prefix_len=soft.shape[1])
+                past = keep = None
+                if self.prefix is not None and shared:
+                    soft_row = soft[row].clone()  # its own storage: an entry must not hold the whole batch's
+                    if per_image[job.image.sha256] == 1:  # alone for its image: the cache beats a shared pass
+                        hit = self.prefix.lookup(job.image.sha256, soft_row, token_ids)
+                        past = hit[0] if hit is not None else None
+                    keep = functools.partial(self._keep_prefix, job.image.sha256, soft_row, token_ids)
+                self.decoder.add(job, embeds, settings, prefix=prefix, prefix_len=soft.shape[1], past=past, keep=keep)
                 self._rows[job] = _RowText(b, job, ids.shape[1] + b.model.num_queries)
         except Exception as err:  # noqa: BLE001 - these jobs get the error, the running rows go on
             log.exception("admitting %d requests failed", len(jobs))
@@ -318,6 +357,13 @@ class Engine:
                 job.fail(err)
             return
         self.metrics.batch(len(jobs))
+
+    def _keep_prefix(self, image: str, soft: torch.Tensor, ids: list[int], cache, generated: list[int]) -> None:
+        """A finished continuous row's keys/values go to the prefix cache (the decoder calls this)."""
+        try:
+            self.prefix.put(image, soft, ids + generated, cache)
+        except Exception:  # noqa: BLE001 - a cache that cannot keep something must not fail the request
+            log.exception("prefix cache: keeping a finished request failed")
 
     def _decode_step(self) -> None:
         for job in [j for j in self._rows if j.cancelled.is_set()]:  # clients that left stop costing compute
@@ -380,6 +426,39 @@ class Engine:
                     self.cache.put(key, feats)
         return torch.cat([found[ref.sha256] for ref in images])
 
+    def _generate_cached(self, job: GenerationJob, soft: torch.Tensor, settings: dict[str, Any], seed: int | None,
+                         expand: int, kwargs: dict[str, Any]) -> torch.Tensor:
+        """One job of a whole batch (beam search; greedy with continuous batching off) from the prefix cache,
+        as `ChatSession` runs a turn: the longest cached prefix of [soft; prompt], the prompt but its last token
+        prefilled on one row, that row copied to each of the `expand` rows generate runs; generate prefills the
+        last token. Afterwards the prompt's keys/values (identical in every beam's row) are kept, and with one
+        row (greedy, sampling) the answer's too."""
+        b = self.blip2
+        lm = b.model.lm
+        input_ids, mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")  # (1, T), no padding
+        token_ids = input_ids[0].tolist()
+        soft_row = soft[0].clone()
+        queries = soft_row.shape[0]
+        hit = self.prefix.lookup(job.image.sha256, soft_row, token_ids)
+        cache, held = (hit[0], hit[1] - queries) if hit is not None else (kv_cache.new_cache(lm.model), 0)
+        first = lm.model.get_input_embeddings().weight.device  # a device-mapped LLM's first device
+        if hit is None:
+            kv_cache.prefill(lm.model, cache, soft_row[None].to(first, lm.model.dtype))
+        if held < len(token_ids) - 1:
+            kv_cache.prefill(lm.model, cache, lm.embed(input_ids[:, held:-1].to(first)))
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)
+        _seed(seed)
+        ids = lm.generate(soft_row[None], input_ids, mask, cache=cache, **kwargs)
+        if expand == 1:
+            kept = (token_ids + ids[0].tolist())[: cache.get_seq_length() - queries]
+        else:
+            kv_cache.crop(cache, queries + len(token_ids))  # the prompt: identical in every beam's row
+            cache.batch_select_indices(torch.zeros(1, dtype=torch.long))  # CPU indices: any layer's device
+            kept = token_ids
+        self._keep_prefix(job.image.sha256, soft_row, kept, cache, [])
+        return ids
+
     # -- whole-batch generation (beam search, encoder-decoder LLMs) -------------------------------------------
     def _generate(self, batch: list[GenerationJob]) -> None:
         self.metrics.batch(len(batch))
@@ -410,13 +489,16 @@ class Engine:
             kwargs["streamer"] = tracker  # transformers streams greedy and sampled steps, not beams
         if b.tokenizer.pad_token_id is not None:
             kwargs.setdefault("pad_token_id", b.tokenizer.pad_token_id)
-        if seed is not None:
-            torch.manual_seed(seed)  # the worker owns the global RNG; a seeded job runs alone
-        if shared and not b.is_encoder_decoder:
+        expand = kv_cache.rows_per_sequence(b.model.lm.model, settings) if self.prefix is not None else None
+        if len(batch) == 1 and shared and expand is not None and tokens.input_ids.shape[1] > 0:
+            ids = self._generate_cached(batch[0], soft, settings, seed, expand, kwargs)
+        elif shared and not b.is_encoder_decoder:
             # Each image's soft prompt is prefilled once, for all its jobs and beams (causal.py generate_shared).
+            _seed(seed)
             ids = b.model.lm.generate_shared(soft, rows.to(b.device), kwargs.pop("input_ids"),
                                              kwargs.pop("attention_mask"), **kwargs)
         else:
+            _seed(seed)
             ids = b.model.generate(soft_prompt=soft[rows.to(soft.device)], **kwargs)
         out = []
         for i, job in enumerate(batch):
@@ -425,6 +507,11 @@ class Engine:
                 self.cancelled += 1
             out.append(row.result(ids[i].tolist(), "cancelled" if job.cancelled.is_set() else None))
         return out
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        torch.manual_seed(seed)  # the worker owns the global RNG; a seeded job runs alone
 
 
 def _eos_ids(b: Blip2) -> set[int]:

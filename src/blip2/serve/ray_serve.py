@@ -108,4 +108,5 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """`Engine` keywords from `blip2 serve`'s batching options (as `server.run` builds its engine)."""
     return {"max_batch_size": args.max_batch_size, "max_wait_s": max(0.0, args.max_wait_ms) / 1000,
             "max_queue": args.max_queue, "cache_bytes": int(args.image_cache_mb * 1024**2),
-            "continuous": args.continuous_batching}
+            "continuous": args.continuous_batching,
+            "prefix_cache_bytes": int(args.prefix_cache_mb * 1024**2)}

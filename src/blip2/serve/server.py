@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="jobs waiting beyond which requests get 503 (default: %(default)s)")
     bat.add_argument("--image-cache-mb", type=float, default=512.0, metavar="MB",
                      help="memory for encoded images, by content hash (default: %(default)s; 0 turns it off)")
+    bat.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MB",
+                     help="memory for the LLM's keys/values of finished requests, reused by later requests about "
+                          "the same image that start with the same tokens, e.g. chat turns (default: "
+                          "%(default)s; 0 turns it off; shared by all clients, so timing can tell one client that "
+                          "another sent the same prefix)")
     p.add_argument("--index", default=None, metavar="INDEX",
                    help="a photo index built by `blip2 index` with this model, searched at POST /v1/search")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace, config, blip2) -> int:
 
     engine = Engine(blip2, max_batch_size=args.max_batch_size, max_wait_s=max(0.0, args.max_wait_ms) / 1000,
                     max_queue=args.max_queue, cache_bytes=int(args.image_cache_mb * 1024**2),
-                    continuous=args.continuous_batching)
+                    continuous=args.continuous_batching, prefix_cache_bytes=int(args.prefix_cache_mb * 1024**2))
     app: FastAPI = create_app(engine, config)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
