@@ -268,3 +268,43 @@ def test_flan_t5_and_question_reading_soft_prompts_keep_the_plain_path(tmp_path_
         assert "blip2_prefix_cache_misses_total 0" in engine.metrics.render()
         assert _conversation(engine, image, greedy, turns=2) == \
             _conversation(Engine(model, max_wait_s=0.0, prefix_cache_bytes=0), image, greedy, turns=2)
+
+
+# ------------------------------------------------------------------------------------- the real server
+
+
+@pytest.mark.slow  # two server processes (~25 s to start each on this CPU)
+def test_chat_completions_through_the_server_with_and_without_the_prefix_cache(tmp_path_factory):
+    """`blip2 serve` under uvicorn, driven by the `openai` client: a 4-turn chat resent whole each turn gets
+    the same answers from a server with the cache (default) and one with `--prefix-cache-mb 0`, and /metrics
+    shows the later turns served from it."""
+    openai = pytest.importorskip("openai")
+    import httpx
+    from live import Server, data_url, save_full_model
+
+    folder = save_full_model(tmp_path_factory.mktemp("prefix-serve") / "full")
+    url = data_url(tm.images(1, seed=11)[0])
+    transcripts = {}
+    for name, extra in (("cached", ()), ("plain", ("--prefix-cache-mb", "0"))):
+        server = Server(folder, "--max-wait-ms", "0", "--served-model-name", "m", *extra)
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            messages: list[dict] = []
+            answers = []
+            for k, question in enumerate(QUESTIONS):
+                text = [{"type": "text", "text": question}]
+                content = [{"type": "image_url", "image_url": {"url": url}}, *text] if k == 0 else text
+                messages.append({"role": "user", "content": content})
+                out = client.chat.completions.create(messages=messages, model="m", max_tokens=6, temperature=0)
+                answers.append(out.choices[0].message.content)
+                messages.append({"role": "assistant", "content": answers[-1]})
+            metrics = httpx.get(server.url + "/metrics").text
+        finally:
+            assert server.stop() == 0, "".join(server.stderr[-30:])
+        assert not any("Traceback" in line for line in server.stderr), "".join(server.stderr[-60:])
+        transcripts[name] = (answers, metrics)
+    assert transcripts["cached"][0] == transcripts["plain"][0]
+    assert any(transcripts["cached"][0])  # the tiny model says something
+    assert "blip2_prefix_cache_hits_total 3" in transcripts["cached"][1]
+    assert "blip2_prefix_cache_misses_total 1" in transcripts["cached"][1]
+    assert "blip2_prefix_cache_hits_total 0" in transcripts["plain"][1]
