@@ -110,6 +110,28 @@ def test_make_default_model_chains_the_stages(tmp_path, monkeypatch):
     assert sum("history" in r for r in stage2) == 3 * images
 
 
+def test_start_from_continues_stage_2_from_a_model_and_skips_stage_1(tmp_path, monkeypatch):
+    """--start-from: the fine-tune plan (cache, stage 2 from the given model, re-fit from stage 2's final);
+    a folder without a model is refused with one line."""
+    import blip2.recipes
+    from blip2.recipes import default_model
+
+    calls = []
+    monkeypatch.setattr(blip2.recipes, "run_recipe", lambda name, argv: calls.append((name, argv)) or 0)
+    monkeypatch.setattr(default_model, "export", lambda folder: folder)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    small = ["--limit-images", "4", "--views", "0", "--rendered", "8"]
+    assert default_model.main(["--work", str(tmp_path / "w"), *small, "--start-from", str(model)]) == 0
+    assert [name for name, _ in calls] == ["cache-features", "stage2", "stage1"]
+    assert [a for a in calls[1][1] if a.startswith("init_from=")] == [f"init_from={model}"]
+    assert [a for a in calls[2][1] if a.startswith("init_from=")] == [f"init_from={tmp_path / 'w' / 'stage2' / 'final'}"]
+    with pytest.raises(SystemExit) as exit_:
+        default_model.main(["--work", str(tmp_path / "w"), *small, "--start-from", str(tmp_path / "nothing")])
+    assert exit_.value.code == 2
+
+
 def test_write_data_adds_augmented_views_and_rendered_images(tmp_path):
     from PIL import Image
 

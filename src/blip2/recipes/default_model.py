@@ -1,7 +1,7 @@
 """`make default-model`: train the embedded default model with our own recipes, from PyPI packages only.
 
     python -m blip2.recipes.default_model [--work runs/default] [--device cuda] [--resume] [--stage2 steps=N ...]
-        [--views 2] [--rendered 4000] [--limit-images N] [--instructions]
+        [--views 2] [--rendered 4000] [--limit-images N] [--instructions] [--start-from default|DIR]
 
 1. data:   the easy-VQA *train* split only (never test), each image with 2 augmented views (new size,
            stretch, small rotation, position, pale background, hard edges half the time; the shape's colour
@@ -21,6 +21,11 @@
 5. re-fit (configs/default_refit.yaml): stage 1 on the captions again, training only the ITC/ITM/ITG heads,
            so itm/retrieve match the Q-Former stage 2 left.
 6. export: the trainable weights (float16) + config + tokenizers into src/blip2/default/.
+
+`--start-from default` (or a stage-2 model folder) skips stage 1 and continues stage 2 from that model's
+weights instead (stage 2's `init_from`), then re-fits and exports as usual: a fine-tune of the shipped bridge
+on the new data, for machines where the whole run would take too long (a CPU). Give it fewer, gentler steps
+(`--stage2 steps=400 lr=5e-5 ...`).
 
 Every stage resumes from its checkpoints (`--resume`), so a run cut off at any point continues.
 """
@@ -199,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"images of our own renderer added to the training data (default {RENDERED})")
     parser.add_argument("--limit-images", type=int, default=None, metavar="N",
                         help="only the first N easy-VQA train images (a quick trial of the pipeline)")
+    parser.add_argument("--start-from", metavar="default|DIR", default=None,
+                        help="skip stage 1 and continue stage 2 from this stage-2 model (the shipped one: default)")
     parser.add_argument("--instructions", action="store_true",
                         help="stage 2 as instruction tuning: several templates per task, drawn per sample")
     for stage in ("stage1", "stage2", "refit"):
@@ -224,10 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     stages = [("stage1", "stage1", "default_stage1.yaml", files["captions"], None),
               ("stage2", "stage2", "default_stage2.yaml", files["stage2"], "stage1"),
               ("refit", "stage1", "default_refit.yaml", files["captions"], "stage2")]
+    start_from = None
+    if args.start_from is not None:
+        start_from = PACKAGE_DEFAULT if args.start_from == "default" else Path(args.start_from)
+        if not (start_from / "config.json").is_file():
+            parser.error(f"--start-from {args.start_from}: no model folder (config.json) there")
+        stages = stages[1:]  # stage 1 is what the started-from model already went through
     for name, recipe, config, data, start in stages:
         if args.only not in (None, name):
             continue
         init = [f"init_from={work / start / 'final'}"] if start else []
+        if name == "stage2" and start_from is not None:
+            init = [f"init_from={start_from}"]
         if name == "stage2" and args.instructions:  # the switch of configs/instruct_stage2.yaml
             init += ["instructions=true", "prompt=null", "data.max_text_len=48"]
         code = run_recipe(recipe, ["--config", str(CONFIGS / config), *resume, *common, f"data.path={data}", *init,
