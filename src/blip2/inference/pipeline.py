@@ -33,7 +33,7 @@ from blip2.inference.generation import (
     prompt_budget,
 )
 from blip2.models.blip2 import Blip2Model
-from blip2.models.language import kv_cache
+from blip2.models.language import fast_decode, kv_cache
 
 # REFERENCE §6: captions with 5 beams; VQA with 5 beams, at most 10 new tokens, length penalty -1.
 CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1, "length_penalty": 1.0}
@@ -425,7 +425,9 @@ class ChatSession:
     turn simply shortens that prefix), and the rest is prefilled. After greedy or sampled turns the cache also
     holds the answer; after beam search it keeps the prompt only (every beam shares it; the beams' own rows were
     reordered by the search and need not be the chosen one's), and the next turn prefills the answer with its
-    question, on one row that is then copied to the beams. Tokens equal re-running the whole prompt (up to float rounding, as for generate's own decode
+    question, on one row that is then copied to the beams. With `compile_decode=True`, greedy and sampled turns keep
+    a static cache instead (fast_decode.py: cropped by moving its length back, copied into a longer one when a turn
+    outgrows it) and decode compiled. Tokens equal re-running the whole prompt (up to float rounding, as for generate's own decode
     steps; tests compare them). No cache is kept, every turn being one full pass as before, where nothing could
     be reused: an encoder-decoder LLM (T5 encodes the whole conversation bidirectionally), a model whose soft
     prompt reads the question (`question_to_qformer`: the prefix changes every turn), a sliding-window LLM."""
@@ -452,7 +454,7 @@ class ChatSession:
     @property
     def cached_tokens(self) -> int:
         """Positions (soft prompt included) the kept cache holds now; 0 when none is kept."""
-        return self._cache.get_seq_length() if self._cache is not None else 0
+        return int(self._cache.get_seq_length()) if self._cache is not None else 0  # a StaticCache's is a tensor
 
     def _fit(self, question: str) -> str:
         owner = self.owner
@@ -519,11 +521,15 @@ class ChatSession:
             if keep < len(ids) - 1:
                 kv_cache.prefill(lm.model, cache, lm.embed(torch.tensor([ids[keep:-1]], device=first)))
             cache.batch_repeat_interleave(expand)
+        elif fast_decode.compiles(lm.model, gen):
+            # The compiled decode (compile_decode=True) runs on a static cache: the kept one from the last turn when
+            # this turn fits in it (cropping a static cache only moves its length back), else a bigger copy.
+            cache = fast_decode.static_cache(lm.model, fast_decode.total_length(lm.model, gen, queries + len(ids)), cache)
         input_ids = torch.tensor([ids], dtype=torch.long, device=owner.device)  # (1, T)
         out = owner._seeded(seed, lambda: lm.generate(soft, input_ids, torch.ones_like(input_ids), cache=cache, **gen))
         if expand == 1:
             # The cache now holds [soft prompt; prompt; answer minus its last token] (the last one was never fed).
-            held = (ids + out[0].tolist())[: cache.get_seq_length() - queries]
+            held = (ids + out[0].tolist())[: int(cache.get_seq_length()) - queries]
         else:
             kv_cache.crop(cache, queries + len(ids))  # the prompt: identical in every beam's row
             cache.batch_select_indices(torch.zeros(1, dtype=torch.long))  # CPU indices: any layer's device

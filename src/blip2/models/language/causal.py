@@ -8,7 +8,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from blip2.models.language import kv_cache
-from blip2.models.language.fast_decode import compiled_decode_settings, prefill_once_per_row, repeated_rows
+from blip2.models.language import fast_decode
+from blip2.models.language.fast_decode import prefill_once_per_row, repeated_rows
 
 IGNORE = -100
 
@@ -57,9 +58,15 @@ class CausalLanguageModel:
     ) -> torch.Tensor:
         """Returns only the new tokens (B * num_return_sequences, N). `cache`: keys/values of the first positions
         of [prefix; text], one row per sequence `generate` runs (B * num_beams); only the rest is prefilled, and
-        the cache is updated in place (kv_cache.py)."""
+        the cache is updated in place (kv_cache.py). With the compiled decode on (fast_decode.py), a dynamic
+        `cache` is copied into a static one and only a StaticCache long enough is updated in place."""
         embeds, mask = self._inputs(prefix, input_ids, attention_mask)
-        generation.update(compiled_decode_settings(self.model, generation, cache is not None))  # opt-in only
+        compiled = fast_decode.compiled_decode_settings(self.model, generation)  # opt-in only
+        if compiled:
+            # A static cache (a passed one's keys/values copied in, unless it is static and long enough already:
+            # a chat passes its kept static cache, which must be the one updated) for the compiled decode steps.
+            cache = fast_decode.static_cache(self.model, fast_decode.total_length(self.model, generation, embeds.shape[1]), cache)
+            generation.update(compiled)
         if cache is not None:
             generation["cache"] = cache
         # Beam search repeats each row num_beams times before its prefill: that prefill runs once per row
@@ -79,7 +86,8 @@ class CausalLanguageModel:
         copied to the B rows, the texts but their last token are prefilled on B rows, and only then is the cache
         copied to the B * num_beams rows beam search runs, so `generate` prefills one token per beam instead of
         Q + T. Pads sit between the prefix and a left-padded text: masked, positions from the mask (kv_cache.py).
-        Falls back to the plain path when sharing would save nothing or the LLM/settings do not allow it."""
+        Falls back to the plain path when sharing would save nothing or the LLM/settings do not allow it. With the
+        compiled decode on, `generate` copies the shared cache into a static one and decodes compiled."""
         expand = kv_cache.rows_per_sequence(self.model, generation) if kv_cache.can_keep(self.model) else None
         if expand is None or (expand == 1 and rows.unique().numel() == rows.numel()):
             return self.generate(prefixes[rows], input_ids, attention_mask, **generation)
@@ -94,4 +102,8 @@ class CausalLanguageModel:
             kv_cache.prefill(self.model, cache, embeds[:, queries:-1], mask[:, :-1], positions[:, queries:-1])
         if expand > 1:
             cache.batch_repeat_interleave(expand)  # row b -> rows b*expand .. b*expand+expand-1, as generate expands
+        compiled = fast_decode.compiled_decode_settings(self.model, generation)  # opt-in only
+        if compiled:
+            cache = fast_decode.static_cache(self.model, fast_decode.total_length(self.model, generation, embeds.shape[1]), cache)
+            generation = {**generation, **compiled}
         return self.model.generate(inputs_embeds=embeds, attention_mask=mask, cache=cache, **generation)

@@ -12,18 +12,25 @@ one thread each row's numbers are the same bit for bit whatever the batch around
 that holds; elsewhere the prefill keeps its full batch). The tests compare the logits and cache bit for bit and
 the tokens with the plain path on tiny random OPT, Llama and Flan-T5 models, greedy, beam and sampled, batched
 and left-padded.
+
+The opt-in compiled decode (`enable_compiled_decode`) is the other saving: greedy and sampled decode steps on a
+static key/value cache with a torch.compile'd forward, whether `generate` starts from nothing, from the shared
+soft-prompt prefix (`generate_shared`) or from a chat's kept cache (`static_cache` copies a filled dynamic cache
+into a static one whose length is bucketed, so nearby lengths reuse the compiled graph).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from transformers import CompileConfig, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, StaticCache
 
 from blip2.models.language import kv_cache
 
@@ -58,29 +65,79 @@ def repeated_rows(model: PreTrainedModel, generation: dict[str, Any]) -> int:
 
 
 COMPILED_DECODE = "_blip2_compiled_decode"  # the opt-in flag's attribute on the LLM
+# Static caches are sized in steps of this many positions: calls whose prompts differ by a few tokens (another
+# question, the next chat turn) get the same cache shape, so they reuse the compiled decode step instead of
+# compiling another one (tests count the compiled graphs).
+CACHE_BUCKET = 64
+# One config object for every call: transformers recompiles the forward when the config differs from the last.
+# Inductor by default; the fast tests swap in dynamo's "eager" backend (same tracing, guards and recompiles,
+# without inductor's minute of code generation per shape), a slow test runs inductor itself.
+COMPILE_CONFIG = CompileConfig(fullgraph=False)
+COMPILE_CONFIG._compile_all_devices = True  # transformers' own switch for compiling on CPU
 
 
 def enable_compiled_decode(model: PreTrainedModel) -> None:
-    """Opt in (`blip2.load(..., compile_decode=True)`): greedy and sampled `generate` calls that bring no
-    key/value cache of their own run on a static cache with a torch.compile'd forward (transformers'
-    `cache_implementation="static"` + `CompileConfig`, which it uses only on accelerators unless forced).
+    """Opt in (`blip2.load(..., compile_decode=True)`): greedy and sampled `generate` calls run their decode steps
+    on a static key/value cache (`static_cache`, its length rounded up to `CACHE_BUCKET`) with a torch.compile'd
+    forward (transformers' `CompileConfig`, which it uses only on accelerators unless forced). The prefill stays
+    eager. Calls that bring a filled cache compile too: the shared soft-prompt prefix (`generate_shared`, copied
+    into a static cache) and a chat's kept cache (kept static between turns: cropping it only moves its length).
 
-    Why opt-in: each new batch size or length compiles first (seconds to a minute), and compiled kernels may
+    Why opt-in: each new batch size or cache bucket compiles first (seconds to a minute), and compiled kernels may
     round differently from eager ones, so identical tokens are tested on tiny models but not guaranteed for every
-    model. Measured (benchmarks/probe_compile_decode.py): 1.20x plain generate on the mid-size model's LLM on CPU.
-    Beam search, a kept chat cache and the shared prefix keep their own (dynamic) caches and are not compiled."""
+    model. Measured: 1.20x plain generate on the mid-size model's LLM on CPU (benchmarks/probe_compile_decode.py),
+    and the end-to-end rows of benchmarks/results/inference_cpu_compiled.md. Beam search (and several sampled
+    sequences per prompt) keeps the plain path with its dynamic cache."""
     if model.config.is_encoder_decoder:
         raise ValueError("compile_decode supports decoder-only LLMs (OPT, Llama, ...), not encoder-decoder ones (Flan-T5)")
     setattr(model, COMPILED_DECODE, True)
 
 
-def compiled_decode_settings(model: PreTrainedModel, generation: dict[str, Any], has_cache: bool) -> dict[str, Any]:
-    """The generate settings that turn the opted-in compiled decode on for this call, else {}."""
-    if has_cache or not getattr(model, COMPILED_DECODE, False) or repeated_rows(model, generation) != 1:
-        return {}  # beam search and several returned sequences keep the plain path
-    config = CompileConfig(fullgraph=False)
-    config._compile_all_devices = True  # transformers' own switch for compiling on CPU
-    return {"cache_implementation": "static", "compile_config": config}
+def compiles(model: PreTrainedModel, generation: dict[str, Any]) -> bool:
+    """Whether this call's decode steps run compiled: opted in, and one cache row per sequence (greedy or
+    sampling one sequence); beam search and several returned sequences keep the plain path."""
+    return bool(getattr(model, COMPILED_DECODE, False)) and kv_cache.rows_per_sequence(model, generation) == 1
+
+
+def compiled_decode_settings(model: PreTrainedModel, generation: dict[str, Any]) -> dict[str, Any]:
+    """The generate settings that compile the forward for this call (with a static cache passed in), else {}."""
+    return {"compile_config": COMPILE_CONFIG} if compiles(model, generation) else {}
+
+
+def total_length(model: PreTrainedModel, generation: dict[str, Any], prompt: int) -> int:
+    """An upper bound on the positions `generate` writes to its cache for a prompt of `prompt` positions."""
+    config = copy.deepcopy(model.generation_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # generate itself warns about the settings, once
+        config.update(**{k: v for k, v in generation.items() if hasattr(config, k)})
+    new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+    return prompt + new  # max_length counts the prompt too: an over-estimate only costs unused positions
+
+
+def bucket(length: int) -> int:
+    """`length` rounded up to a multiple of CACHE_BUCKET."""
+    return -(-length // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def static_cache(model: PreTrainedModel, length: int, source: Cache | None = None) -> StaticCache:
+    """A static cache of `bucket(length)` positions holding `source`'s keys/values (a filled DynamicCache, or a
+    StaticCache too short for `length`); `source` itself when it is a StaticCache of `length` positions or more.
+
+    The keys/values are copied as they are, so the positions they hold are exactly what the eager prefill
+    computed; the rest of the cache is zeros that the attention mask hides. The copy costs one pass over the
+    cache, which the compiled decode steps repay."""
+    if isinstance(source, StaticCache) and source.get_max_length() >= length:
+        return source
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=bucket(length))
+    held = int(source.get_seq_length()) if source is not None else 0
+    if held:
+        for layer, old in zip(cache.layers, source.layers, strict=True):
+            keys, values = old.keys[:, :, :held], old.values[:, :, :held]
+            layer.lazy_initialization(keys, values)  # on the layer's device and dtype (device-mapped LLMs)
+            layer.keys[:, :, :held].copy_(keys)
+            layer.values[:, :, :held].copy_(values)
+            layer.cumulative_length.fill_(held)
+    return cache
 
 
 def bit_exact(model: PreTrainedModel) -> bool:

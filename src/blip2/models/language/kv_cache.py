@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.configuration_utils import GenerationMode
 
 # Modes whose cache transformers treats as one row per sequence (beams: batch * num_beams rows, reordered in
@@ -95,8 +95,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def crop(cache: DynamicCache, length: int) -> None:
+def crop(cache: Cache, length: int) -> None:
     """Keep the first `length` positions of every layer."""
-    extra = cache.get_seq_length() - length
+    extra = int(cache.get_seq_length()) - length  # a StaticCache's length is a tensor; cropping it moves that back
     if extra > 0:
         cache.crop(-extra)
