@@ -25,6 +25,11 @@ e.g. one image's soft prompt, prefill it once, then their texts left-padded afte
 are left-padded to one length and concatenated along the batch axis. A finished row is dropped at once, and
 columns that became padding in every row are trimmed, so the cache is as long as the longest live row. Cost: a
 join or leave copies the batch cache once.
+
+Across requests (serve/prefix_cache.py): a request may come with `past`, the cached keys/values of its first
+positions; it is prefilled alone from a copy of them, only over what they lack, then joins like any other. A
+request may ask (`keep`) for its own cache when it finishes: its row, without the padding columns, one row as
+if it had run alone.
 """
 
 from __future__ import annotations
