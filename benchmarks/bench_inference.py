@@ -28,12 +28,21 @@ other processes take, so on a shared machine the CPU-time ratio is the one to re
     python benchmarks/bench_inference.py                 # full run, 1 thread (~15 min on this CPU, idle)
     python benchmarks/bench_inference.py --threads 0     # all cores (~3 min on an idle 2-core CPU)
     python benchmarks/bench_inference.py --quick         # smoke run
+    python benchmarks/bench_inference.py --compile-decode  # ours with compile_decode=True: greedy rows only
+
+`--compile-decode` loads ours with `compile_decode=True` (a static key/value cache and a compiled decode step,
+fast_decode.py) and runs the greedy rows only (caption, 8 questions, chat), against transformers' plain
+generate on the same weights; each row's first call, which compiles, is timed apart from the timed calls
+(`first_calls` in the JSON), and the table goes to the `.md` next to the JSON too
+(benchmarks/results/inference_cpu_compiled.{json,md}).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
@@ -323,12 +332,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed calls per side for the bf16 rows (ours bfloat16 vs ours float32; 0: no bf16 rows)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "inference_cpu.json")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated rows to run, of {','.join(TASKS)}")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="ours loaded with compile_decode=True; greedy caption/ask/chat rows only; first (compiling) "
+                        "calls timed apart; default --out benchmarks/results/inference_cpu_compiled.json")
     args = p.parse_args(argv)
     tasks = set(args.tasks.split(","))
     if not tasks <= set(TASKS):
         p.error(f"--tasks: unknown {sorted(tasks - set(TASKS))}; known: {','.join(TASKS)}")
     if args.quick:
         args.reps, args.warmup, args.batch_size, args.chat_turns, args.chat_reps, args.bf16_reps = 1, 1, 2, 5, 1, 1
+    if args.compile_decode:
+        tasks &= {"caption", "ask", "chat"}  # beam search and bf16 do not compile (fast_decode.compiles)
+        if args.out == p.get_default("out"):
+            args.out = args.out.with_name("inference_cpu_compiled.json")
+    beam_counts = (1,) if args.compile_decode else (1, 5)
+    first_calls: dict[str, dict] = {}  # --compile-decode: each row's first (compiling) call, on our side
+
+    def first_call(name: str, fn: Callable[[], object]) -> None:
+        if args.compile_decode:
+            start, cpu = time.perf_counter(), time.process_time()
+            fn()
+            first_calls[name] = {"wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(time.process_time() - cpu, 2)}
+            print(f"  {name}: first call (compiles) {first_calls[name]['wall_s']}s, CPU {first_calls[name]['cpu_s']}s", flush=True)
 
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -340,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "blip2": getattr(blip2, "__version__", "0.1.0"),
         "device": str(device), "dtype": args.dtype, "load_before": round(_load(), 2),
+        "compile_decode": args.compile_decode,
     }
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
 
@@ -348,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         hf, tokenizer = save_checkpoint(folder)
         hf.to(device, dtype)
-        ours = blip2.load(folder, device=device, dtype=dtype)
+        ours = blip2.load(folder, device=device, dtype=dtype, compile_decode=args.compile_decode)
         # The bf16 rows: the same weights loaded again in bfloat16, against ours in float32.
-        bf16 = args.bf16_reps and dtype == torch.float32 and "bf16" in tasks
+        bf16 = args.bf16_reps and dtype == torch.float32 and "bf16" in tasks and not args.compile_decode
         ours_bf16 = blip2.load(folder, device=device, dtype=torch.bfloat16) if bf16 else None
         processor = BlipImageProcessorPil.from_pretrained(str(folder))  # transformers' side of end to end
         print(f"built, saved and loaded the checkpoint in {time.perf_counter() - start:.0f}s "
@@ -375,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         bos = torch.full((args.batch_size, 1), tokenizer.bos_token_id, device=device)
         ones = torch.ones_like(bos)
         hf_ids, hf_mask = with_image_tokens(bos, ones)
-        for beams in ((1, 5) if 'caption' in tasks else ()):
+        for beams in (beam_counts if 'caption' in tasks else ()):
             gen = {**fixed_length(CAPTION_TOKENS, beams), "pad_token_id": tokenizer.pad_token_id}
             name = f"caption, {'greedy' if beams == 1 else f'{beams} beams'}, batch {args.batch_size}, {CAPTION_TOKENS} tokens"
+            first_call(name, lambda gen=gen: model.generate(model.encode_image(pixels), bos, ones, **gen))
             rows.append(run_row(
                 Row(name, "img", args.batch_size),
                 lambda gen=gen: hf.generate(pixel_values=pixels, input_ids=hf_ids, attention_mask=hf_mask, **gen),
@@ -401,11 +428,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = torch.zeros(n, dtype=torch.long, device=device)
             return side.model.lm.generate_shared(soft, rows, q_ids, q_mask, **gen)
 
-        for beams in ((1, 5) if 'ask' in tasks else ()):
+        for beams in (beam_counts if 'ask' in tasks else ()):
             gen = {**fixed_length(ANSWER_TOKENS, beams), "pad_token_id": tokenizer.pad_token_id}
             if beams > 1:
                 gen["length_penalty"] = -1.0  # the VQA default
             name = f"ask, {n} questions about 1 image, {'greedy' if beams == 1 else f'{beams} beams'}, {ANSWER_TOKENS} tokens"
+            first_call(name, lambda gen=gen: ours_ask(gen))
             rows.append(run_row(
                 Row(name, "answer", n),
                 lambda gen=gen: hf.generate(pixel_values=one.expand(n, -1, -1, -1), input_ids=hf_q_ids,
@@ -426,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                               pad_token_id=tokenizer.pad_token_id, **gen)
             return [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
 
-        if "e2e" in tasks:
+        if "e2e" in tasks and not args.compile_decode:
             rows.append(run_row(
                 Row(f"ask end to end (PIL + strings -> strings), {n} questions, greedy", "answer", n),
                 hf_ask_e2e, lambda: ours.ask(pil, QUESTIONS, num_beams=1, max_new_tokens=ANSWER_TOKENS,
@@ -444,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             chat_questions = [QUESTIONS[i % n] for i in range(args.chat_turns)]
             template = ours.question_template
             turns = sorted({1, min(5, args.chat_turns), args.chat_turns})
-            for beams in (1, 5):
+            for beams in beam_counts:
                 gen = fixed_length(ANSWER_TOKENS, beams)
 
                 def theirs_chat(gen: dict = gen) -> list[tuple[float, float, str]]:
@@ -470,6 +498,13 @@ def main(argv: list[str] | None = None) -> int:
                     return out
 
                 label = "greedy" if beams == 1 else f"{beams} beams"
+                if args.compile_decode:  # the first conversation compiles (batch 1, and each cache bucket it reaches)
+                    start, cpu = time.perf_counter(), time.process_time()
+                    turn_s = [round(t, 2) for t, _, _ in ours_chat()]
+                    first_calls[f"chat, {label}, first conversation"] = {
+                        "wall_s": round(time.perf_counter() - start, 2), "cpu_s": round(time.process_time() - cpu, 2),
+                        "turns_s": turn_s}
+                    print(f"  chat, {label}: first conversation (compiles) per turn {turn_s}", flush=True)
                 run_chat_row(rows, f"chat, 1 image, {label}, {ANSWER_TOKENS} tokens per answer", turns, theirs_chat,
                              ours_chat, args.chat_reps, args.warmup)
 
@@ -500,13 +535,23 @@ def main(argv: list[str] | None = None) -> int:
                                 agreement(row)))
 
     machine["load_after"] = round(_load(), 2)
-    print_table(rows, machine, args)
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        print_table(rows, machine, args)
+        if first_calls:
+            print("\nFirst calls on our side (they compile; not in the timed calls above): "
+                  + "; ".join(f"{k}: {v['wall_s']}s wall, {v['cpu_s']}s CPU" for k, v in first_calls.items()))
+    print(table.getvalue(), end="")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": machine, "settings": {"reps": args.reps, "warmup": args.warmup, "batch_size": args.batch_size,
                                          "quick": args.quick, "command": " ".join([Path(sys.executable).name] + sys.argv)},
-        "rows": [r.as_dict() for r in rows],
+        "rows": [r.as_dict() for r in rows], "first_calls": first_calls,
     }, indent=2))
+    if args.compile_decode:
+        args.out.with_suffix(".md").write_text(
+            "# bench_inference.py --compile-decode\n\n" + ", ".join(f"{k}={v}" for k, v in machine.items())
+            + "\n" + table.getvalue())
     print(f"\nwrote {args.out}")
     exact = all(r.same_tokens is not False for r in rows if r.baseline == "transformers")
     return 0 if exact or args.dtype != "float32" else 1
