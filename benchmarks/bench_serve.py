@@ -25,6 +25,17 @@ compared with off's; at c = 1 they must be identical (the script exits 1 on a mi
     python benchmarks/bench_serve.py            # both models, c = 1..32, 1 server thread
     python benchmarks/bench_serve.py --quick    # smoke run: c = 1, 4, 16, max(8, c) requests
     python benchmarks/bench_serve.py --configs off,on,whole   # continuous and whole-batch batching
+
+`--prefix-chat` measures the prefix cache across requests instead (benchmarks/results/serve_cpu_prefix.*): per
+model, two servers up at once, the default (`--prefix-cache-mb 256`) and `--prefix-cache-mb 0`; one client
+holds `--chat-repeats` 10-turn conversations on each (one image each, greedy, streamed, max_tokens 20; the
+servers take turns, turn by turn), resending the whole conversation each turn as chat completions clients do.
+Only `mid` by default: the default model's Q-Former reads the question, so its soft prompt changes every
+turn and the server keeps no prefix for it. Per turn: the median latency and
+TTFT over the conversations, with the cache and without, and their ratio; the answers of the two servers must
+be identical (the script exits 1 otherwise).
+
+    python benchmarks/bench_serve.py --prefix-chat             # the mid model, 3 conversations of 10 turns
 """
 
 from __future__ import annotations
@@ -248,6 +259,111 @@ def level(server: Server, model: str, c: int, n: int, max_tokens: int) -> dict:
     return row
 
 
+# ----------------------------------------------------------------------------------- prefix cache (chat)
+
+CHAT_TURNS = 10
+CHAT_QUESTIONS = {  # 10 turns per conversation: each model's 8 questions, then two of them again
+    "default": QUESTIONS["default"] + QUESTIONS["default"][:2],
+    "mid": QUESTIONS["mid"] + QUESTIONS["mid"][:2],
+}
+
+
+def prefix_metrics(server: Server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics", trust_env=False).text
+    return {k: float(v) for k, v in (ln.split() for ln in text.splitlines() if ln.startswith("blip2_prefix_cache_"))}
+
+
+def conversations(servers: dict[str, Server], model: str, image, max_tokens: int) -> dict[str, list[Sample]]:
+    """One client's 10-turn chat about one image on each server, the whole conversation resent each turn
+    (streamed). The servers take turns, turn by turn, so a load change on the machine hits both alike."""
+    url = data_url(image)
+    messages: dict[str, list[dict]] = {name: [] for name in servers}
+    out: dict[str, list[Sample]] = {name: [] for name in servers}
+    for turn, question in enumerate(CHAT_QUESTIONS[model][:CHAT_TURNS]):
+        text = [{"type": "text", "text": question}]
+        for name, server in servers.items():
+            messages[name].append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                               *text] if turn == 0 else text})
+            body = {"messages": messages[name], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            sample = asyncio.run(drive(server.url, [(f"turn{turn + 1}", body)], 1))[0][0]
+            if not sample.ok:
+                raise RuntimeError(f"{name}: turn {turn + 1} failed: {sample.error}")
+            out[name].append(sample)
+            messages[name].append({"role": "assistant", "content": sample.text})
+    return out
+
+
+def prefix_chat(model: str, path: str, args: argparse.Namespace) -> dict:
+    """The same conversations on a server with the prefix cache and on one without (see the docstring)."""
+    images = bi.images(args.chat_repeats + 1, seed=77)
+    configs = {"cached": ["--prefix-cache-mb", "256"], "uncached": ["--prefix-cache-mb", "0"]}
+    servers: dict[str, Server] = {}
+    try:
+        for name, flags in configs.items():
+            extra = ["--device", args.device, "--dtype", args.dtype, "--max-wait-ms", str(args.max_wait_ms), *flags]
+            servers[name] = Server(path, extra, args.threads)
+            print(f"  {name} ({' '.join(flags)}): server up in {servers[name].start_s:.1f}s", flush=True)
+        conversations(servers, model, images[-1], args.max_tokens)  # warm-up, on an image of its own
+        before = {name: prefix_metrics(server) for name, server in servers.items()}
+        chats = [conversations(servers, model, im, args.max_tokens) for im in images[:-1]]
+        after = {name: prefix_metrics(server) for name, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+    runs = {}
+    for name, flags in configs.items():
+        mine = [c[name] for c in chats]
+        turns = [{"turn": t + 1,
+                  "latency_s": float(np.median([c[t].latency_s for c in mine])),
+                  "ttft_s": float(np.median([c[t].ttft_s for c in mine if c[t].ttft_s is not None] or [np.nan])),
+                  "completion_tokens": [c[t].tokens for c in mine]} for t in range(CHAT_TURNS)]
+        runs[name] = {"flags": flags, "turns": turns, "texts": [[s.text for s in c] for c in mine],
+                      "prefix_cache": {k: after[name][k] - before[name].get(k, 0) for k in after[name]}}
+        print(f"    {name}: " + ", ".join(f"turn {r['turn']}: {r['latency_s']:.2f}s" for r in turns
+                                         if r["turn"] in (1, 5, 10)), flush=True)
+    # A turn's answers are comparable while the two conversations are the same so far: once one answer
+    # differs, every later prompt differs too. Count the comparable turns and the first divergences.
+    compared, diverged = 0, []
+    for c, (ca, cb) in enumerate(zip(runs["cached"]["texts"], runs["uncached"]["texts"])):
+        for t, (a, b) in enumerate(zip(ca, cb)):
+            compared += 1
+            if a != b:
+                token = next((i for i, (x, y) in enumerate(zip(a.split(), b.split())) if x != y), None)
+                diverged.append({"conversation": c, "turn": t + 1, "first_differing_word": token})
+                break
+    return {**runs, "mismatches": len(diverged), "compared": compared, "diverged": diverged,
+            "answers": CHAT_TURNS * args.chat_repeats}
+
+
+def prefix_markdown(results: dict, machine: dict, args: argparse.Namespace, total: float) -> str:
+    lines = [f"{machine['cpu_count']} CPUs ({machine['processor']}), server torch threads "
+             f"{machine['server_threads']}, torch {machine['torch']}, transformers {machine['transformers']}, "
+             f"{args.device} {args.dtype}; {args.chat_repeats} conversations of {CHAT_TURNS} turns per server, "
+             f"one client, the whole conversation resent each turn (streamed chat completions, greedy, "
+             f"max_tokens {args.max_tokens}); medians over the conversations; {total / 60:.1f} min in all", "",
+             "| model | turn | latency s, prefix cache | latency s, none | none / cache | TTFT s, cache "
+             "| TTFT s, none | none / cache |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    notes = []
+    for model, res in results.items():
+        for a, b in zip(res["cached"]["turns"], res["uncached"]["turns"]):
+            if a["turn"] in (1, 2, 5, 10):
+                lines.append(f"| {model} | {a['turn']} | {a['latency_s']:.3f} | {b['latency_s']:.3f} "
+                             f"| {b['latency_s'] / a['latency_s']:.2f} | {a['ttft_s']:.3f} | {b['ttft_s']:.3f} "
+                             f"| {b['ttft_s'] / a['ttft_s']:.2f} |")
+        first, last = res["cached"]["turns"][0], res["cached"]["turns"][-1]
+        pc = res["cached"]["prefix_cache"]
+        notes.append(f"{model}: turn 10 / turn 1 latency {last['latency_s'] / first['latency_s']:.2f} with the "
+                     f"cache, {res['uncached']['turns'][-1]['latency_s'] / res['uncached']['turns'][0]['latency_s']:.2f}"
+                     f" without; cache hits {pc.get('blip2_prefix_cache_hits_total', 0):g}, misses "
+                     f"{pc.get('blip2_prefix_cache_misses_total', 0):g}, positions reused "
+                     f"{pc.get('blip2_prefix_cache_reused_tokens_total', 0):g}; answers differing between the "
+                     f"servers: {res['mismatches']} of {res['compared']} given the same conversation so far"
+                     + "".join(f" (conversation {d['conversation'] + 1} at turn {d['turn']}, word "
+                               f"{d['first_differing_word']}; its later turns are not comparable)" for d in res["diverged"]))
+    return "\n".join(lines + ["", *(f"- {n}" for n in notes)])
+
+
 def per_level(c: int, args: argparse.Namespace) -> int:
     return args.requests or (max(8, c) if args.quick else max(32, 4 * c))
 
@@ -326,9 +442,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the mid-size random model is saved once (default: runs/bench/mid-random)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: concurrency 1,4,16, max(8, c) requests per level")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_cpu.json",
-                   help="JSON results; the markdown table goes next to it (.md)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results; the markdown table goes next to it (.md) (default: results/serve_cpu.json; "
+                        "--prefix-chat: results/serve_cpu_prefix.json)")
+    p.add_argument("--prefix-chat", action="store_true",
+                   help="measure the prefix cache on 10-turn conversations instead (see the docstring)")
+    p.add_argument("--chat-repeats", type=int, default=3,
+                   help="--prefix-chat: conversations per server, each about its own image (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.prefix_chat and "--models" not in (sys.argv if argv is None else argv):
+        args.models = "mid"  # the default model's soft prompt reads the question: no prefix to keep
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / ("serve_cpu_prefix.json" if args.prefix_chat else "serve_cpu.json")
     if args.quick:
         args.concurrency = "1,4,16"
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
@@ -349,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
     results: dict[str, dict] = {}
     started = time.perf_counter()
+    if args.prefix_chat:
+        return write_prefix_chat(models, machine, args, started)
     for model in models:
         path = str(bi.cached_checkpoint(args.model_cache)) if model == "mid" else "default"
         print(f"{model} model ({path})", flush=True)
@@ -371,6 +498,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     lone = [r for m in results.values() for r in m["compare"] if r["concurrency"] == 1]
     return 1 if sum(r["mismatches"] for r in lone) else 0
+
+
+def write_prefix_chat(models: list[str], machine: dict, args: argparse.Namespace, started: float) -> int:
+    results = {}
+    for model in models:
+        path = str(bi.cached_checkpoint(args.model_cache)) if model == "mid" else "default"
+        print(f"{model} model ({path})", flush=True)
+        results[model] = prefix_chat(model, path, args)
+    machine["load_after"] = round(os.getloadavg()[0], 2)
+    total = time.perf_counter() - started
+    table = prefix_markdown(results, machine, args, total)
+    print("\n" + table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model_cache")}
+    settings["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    args.out.write_text(json.dumps({"machine": machine, "settings": settings, "total_s": total,
+                                    "models": results}, indent=1))
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 1 if any(r["mismatches"] for r in results.values()) else 0
 
 
 def markdown(results: dict, machine: dict, args: argparse.Namespace, total: float) -> str:
