@@ -123,10 +123,33 @@ def test_only_given_generation_flags_reach_the_library(files, capsys, monkeypatc
     assert run(capsys, "caption", files["img"], "-m", files["opt"])[0] == 0
     assert seen[-1] == {}
     argv = ["--num-beams", "2", "--max-new-tokens", "4", "--min-new-tokens", "0", "--length-penalty", "0.5",
-            "--repetition-penalty", "1.2", "--temperature", "0.7", "--top-p", "0.9", "--sample"]
+            "--repetition-penalty", "1.2", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "0",
+            "--seed", str(2**64 - 1), "--sample"]
     assert run(capsys, "caption", files["img"], "-m", files["opt"], *argv)[0] == 0
     assert seen[-1] == {"num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 0, "length_penalty": 0.5,
-                        "repetition_penalty": 1.2, "temperature": 0.7, "top_p": 0.9, "do_sample": True}
+                        "repetition_penalty": 1.2, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
+                        "seed": 2**64 - 1, "do_sample": True}
+
+
+def test_seeded_sampling_repeats_its_text(files, capsys, monkeypatch):
+    """--sample --seed N gives the same text on every run (caption, ask and chat); other seeds are free to
+    differ, and a high temperature over all tokens (--top-k 0) makes differing texts near certain."""
+    sample = ["--sample", "--num-beams", "1", "--max-new-tokens", "8", "--min-new-tokens", "8",
+              "--temperature", "5", "--top-k", "0"]
+    caption = ["caption", files["img"], files["img1"], "-m", files["opt"], "--json", *sample]
+    texts = [run(capsys, *caption, "--seed", seed)[1] for seed in ("7", "7", "8")]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+    assert len({r["caption"] for r in json.loads(texts[0])}) == 2  # the seed is per call, not per image
+    ask = ["ask", files["img"], "what is it ?", "-m", files["opt"], *sample, "--seed", "3"]
+    assert run(capsys, *ask)[1] == run(capsys, *ask)[1]
+    chat = ["chat", files["img"], "-m", files["opt"], *sample, "--seed", "3"]
+    answers = []
+    for _ in range(2):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("what is it ?\nand the color ?\n"))
+        answers.append(run(capsys, *chat)[1])
+    assert answers[0] == answers[1] and len(answers[0].splitlines()) == 2
+    top = ["caption", files["img"], "-m", files["opt"], *sample[:-2], "--top-k", "1"]
+    assert run(capsys, *top, "--seed", "1")[1] == run(capsys, *top, "--seed", "2")[1]  # top-1 sampling is greedy
 
 
 def test_ask_one_and_several_questions(files, capsys):
@@ -259,6 +282,8 @@ def test_an_install_without_the_default_model_says_so(files, capsys, monkeypatch
 @pytest.mark.parametrize(
     "argv",
     [["caption"], ["caption", "{img}", "--num-beams", "0"], ["caption", "{img}", "--top-p", "2"],
+     ["caption", "{img}", "--top-k", "-1"], ["ask", "{img}", "why ?", "--top-k", "2.5"],
+     ["chat", "{img}", "--seed", "-1"], ["caption", "{img}", "--seed", str(2**64)], ["label", "{dir}", "--seed", "x"],
      ["caption", "{img}", "--device", "tpu"], ["frobnicate"], []],
 )
 def test_usage_mistakes_exit_2(files, capsys, argv):

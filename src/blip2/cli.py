@@ -71,6 +71,11 @@ def _probability(text: str) -> float:
     return _number(text, float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
+def _seed(text: str) -> int:
+    # torch.manual_seed's range (unsigned 64-bit), as the Python API checks it (inference/generation.py)
+    return _number(text, int, lambda v: 0 <= v < 2**64, "a whole number from 0 to 2**64 - 1")
+
+
 def _device_map(text: str) -> str | dict:
     """accelerate's strategies, or a JSON object {LLM module name: device} (devices: N, "cpu", "disk")."""
     if text in ("auto", "balanced", "balanced_low_0", "sequential"):
@@ -113,6 +118,10 @@ GENERATION_FLAGS = (
     ("--repetition-penalty", _positive_real, "X", "penalty on repeated tokens; 1 means none"),
     ("--temperature", _positive_real, "T", "sampling temperature (with --sample)"),
     ("--top-p", _probability, "P", "nucleus sampling: the fewest tokens holding this mass (with --sample)"),
+    ("--top-k", _non_negative_int, "K", "sample from the K most likely tokens only; 0 means no limit "
+                                        "(with --sample)"),
+    ("--seed", _seed, "N", "seed for --sample, so a run can be repeated: the same seed, settings and "
+                           "images give the same text"),
 )
 
 

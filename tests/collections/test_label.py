@@ -153,3 +153,98 @@ def test_a_killed_write_is_cut_and_stale_temps_removed(model, tmp_path: Path):
     assert (report.labeled, report.skipped) == (1, 2) and not stale.exists()
     lines = out.read_text().splitlines(keepends=True)
     assert len(lines) == 3 and all(json.loads(line) for line in lines)
+
+
+# -- append/prepend: a killed run's rerun adds each label once ---------------------------------------------------
+class _Killed(BaseException):
+    """Stands in for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def _stop_at_batch(monkeypatch, batch: int, where: str) -> None:
+    """Let `batch - 1` batches through, then stop the run in the next one: before its labels are generated
+    ("generate"), or after they are journaled but before any is written ("write")."""
+    from blip2.collections import label as label_module
+    from blip2.collections import writers
+
+    calls = {"n": 0}
+    if where == "generate":
+        real = label_module._generate
+
+        def generate(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == batch:
+                raise _Killed
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(label_module, "_generate", generate)
+    else:
+        for cls in (writers.SidecarWriter, writers.ManifestWriter):
+            real_write = cls.write
+
+            def write(self, rows, real_write=real_write):
+                calls["n"] += 1
+                if calls["n"] == batch:
+                    raise _Killed
+                return real_write(self, rows)
+
+            monkeypatch.setattr(cls, "write", write)
+
+
+@pytest.mark.parametrize("where", ["generate", "write"])
+@pytest.mark.parametrize("mode", ["append", "prepend"])
+def test_a_killed_append_run_reruns_without_doubling_labels(model, tmp_path, monkeypatch, mode, where):
+    paths = cf.write_good(tmp_path / "imgs", 5)
+    new = model.caption(paths, **GEN)
+    side = [p.with_suffix(".txt") for p in paths]
+    for i, s in enumerate(side):
+        s.write_text(f"old {i}")
+    run = dict(generation=GEN, workers=0, progress=False, batch_size=2, mode=mode, separator=" | ")
+    with monkeypatch.context() as m:
+        _stop_at_batch(m, 2, where)  # batch 1 (2 images) is written, the run dies in batch 2
+        with pytest.raises(_Killed):
+            label_images(model, paths, **run)
+    assert [s.read_text() for s in side[2:]] == ["old 2", "old 3", "old 4"]
+    assert len(list((tmp_path / "imgs").glob(".blip2-label-*.journal.jsonl"))) == 1
+    report = label_images(model, paths, **run)
+    want = [f"old {i} | {new[i]}" if mode == "append" else f"{new[i]} | old {i}" for i in range(5)]
+    assert [s.read_text() for s in side] == want  # each image's label once, the first two from the killed run
+    assert report.skipped == 2 and report.labeled == 3
+    assert not list((tmp_path / "imgs").glob(".blip2-label-*"))  # a finished run leaves no journal
+    label_images(model, paths[:1], **run)  # the same command again, later: appends again, as asked
+    assert side[0].read_text().count(new[0]) == 2
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_killed_append_run_into_a_manifest_reruns_without_doubling(model, tmp_path, monkeypatch, suffix):
+    paths = cf.write_good(tmp_path / "imgs", 5)
+    new = model.caption(paths, **GEN)
+    out = tmp_path / f"labels{suffix}"
+    first = dict(generation=GEN, workers=0, progress=False, batch_size=2, out=out)
+    label_images(model, paths, **first, prefix="old  tags\n")  # the labels to append to (CSV: one line each)
+    run = {**first, "mode": "append", "separator": ", "}
+    with monkeypatch.context() as m:
+        _stop_at_batch(m, 2, "write")
+        with pytest.raises(_Killed):
+            label_images(model, paths, **run)
+    assert len(list(tmp_path.glob(".blip2-label-append-*.journal.jsonl"))) == 1  # beside the manifest
+    report = label_images(model, paths, **run)
+    assert report.skipped == 2 and report.labeled == 3
+    old = "old tags " if suffix == ".csv" else "old  tags\n"
+    labels = {Path(r["path"]).name: r["label"] for r in read_manifest(out)}
+    assert labels == {p.name: f"{old}{new[i]}, {new[i]}" for i, p in enumerate(paths)}
+    assert not list(tmp_path.glob(".blip2-label-*"))
+
+
+def test_a_killed_append_run_does_not_mark_images_done_for_another_command(model, tmp_path, monkeypatch):
+    paths = cf.write_good(tmp_path, 4)
+    for p in paths:
+        p.with_suffix(".txt").write_text("old")
+    run = dict(generation=GEN, workers=0, progress=False, batch_size=2, mode="append")
+    with monkeypatch.context() as m:
+        _stop_at_batch(m, 2, "generate")
+        with pytest.raises(_Killed):
+            label_images(model, paths, **run)
+    other = label_images(model, paths[:2], **{**run, "separator": "; "})  # another separator: another run
+    assert other.labeled == 2 and other.skipped == 0
+    text = paths[0].with_suffix(".txt").read_text()
+    assert text.startswith("old ") and "; " in text

@@ -8,7 +8,10 @@ skips what is done. A bad file is recorded with its one-line error and the run g
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blip2.collections.reader import IMAGE_EXTENSIONS, Decoded, decode_stream
-from blip2.collections.writers import ManifestWriter, SidecarWriter
+from blip2.collections.writers import AppendJournal, ManifestWriter, SidecarWriter
 from blip2.inference.pipeline import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
 
 MODES = ("skip", "overwrite", "append", "prepend")
@@ -105,7 +108,8 @@ def label_images(
     one manifest (path, task, prompt, question, label, model, generation, status, error).
     mode: "skip" (default) leaves images already labeled alone, so a rerun resumes a killed run; "overwrite"
     labels every image again; "append" / "prepend" add the new label after / before the existing text
-    (joined by `separator`). `prefix` and `suffix` wrap every new label. Failed images are recorded once
+    (joined by `separator`); their rerun after a kill does not add the label twice (an `AppendJournal`,
+    deleted when the run finishes: running the same command again later appends again). `prefix` and `suffix` wrap every new label. Failed images are recorded once
     (manifest row with status "error") and skipped by later runs unless `retry_failed`; sidecar runs keep no
     record of failures, so they are tried again by every run (a decode costs little).
     generation: settings as for `Blip2.caption` / `Blip2.ask` (None values are unset); checked, with the prompt,
@@ -128,6 +132,7 @@ def label_images(
     paths = [Path(p) for p in paths]
     report = LabelReport(total=len(paths), output=writer.describe())
     writer.prepare(paths)
+    journal = _journal(writer, paths, mode, llm_prompt, separator, prefix, suffix, base)
     todo, seen = [], {}
     for path in paths:
         if isinstance(writer, SidecarWriter):
@@ -138,7 +143,7 @@ def label_images(
                 _fail(report, path, f"its sidecar {name} is {other.name}'s; use --out for these")
                 continue
         done = writer.done(path) if isinstance(writer, SidecarWriter) else writer.done(path, retry_failed)
-        if mode == "skip" and done:
+        if (mode == "skip" and done) or (journal is not None and journal.done(path, writer.existing(path))):
             report.skipped += 1
         else:
             todo.append(path)
@@ -154,6 +159,8 @@ def label_images(
                 continue
             text = _combine(mode, writer.existing(d.path), f"{prefix}{next(labels)}{suffix}", separator)
             rows.append({"path": str(d.path), **base, "label": text, "status": "ok", "error": None})
+        if journal is not None:  # before the labels: a kill in between leaves the old labels, labeled again
+            journal.record([(Path(r["path"]), writer.stored(r["label"])) for r in rows if r["status"] == "ok"])
         failed = {id(row): error for row, error in writer.write(rows)}
         for row in rows:
             if row["status"] == "error":
@@ -178,8 +185,28 @@ def label_images(
         if window:
             run_batch(window)
     writer.finish()
+    if journal is not None:
+        journal.remove()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _journal(writer: SidecarWriter | ManifestWriter, paths: Sequence[Path], mode: str, llm_prompt: str,
+             separator: str, prefix: str, suffix: str, base: dict[str, Any]) -> AppendJournal | None:
+    """The append/prepend journal of this run: beside the manifest, or in the images' common folder for
+    sidecars; named by a hash of everything that decides the labels, so only the same command resumes."""
+    if mode not in ("append", "prepend") or not paths:
+        return None
+    if isinstance(writer, ManifestWriter):
+        folder, target = writer.out.parent, os.path.abspath(writer.out)
+    else:
+        folder = Path(os.path.commonpath([os.path.abspath(p.parent) for p in paths]))
+        target = writer.ext
+    settings = [mode, target, llm_prompt, separator, prefix, suffix, base]
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    journal = AppendJournal(folder / f".blip2-label-{mode}-{digest}.journal.jsonl")
+    journal.load()
+    return journal
 
 
 def _fail(report: LabelReport, path: Path, error: str) -> None:

@@ -16,7 +16,7 @@ from blip2.collections.argtypes import non_negative_int
 
 # The generation options of the CLI's shared parent parser, by their argparse names (None = unset).
 GENERATION_ARGS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "repetition_penalty",
-                   "temperature", "top_p")
+                   "temperature", "top_p", "top_k", "seed")
 DESCRIPTION = (
     "Label a collection: caption every image (or answer --question about it) and write the labels next to the "
     "images (<stem>.txt, the kohya convention) or into one manifest (--out labels.jsonl|.csv|.parquet). "

@@ -9,6 +9,8 @@
   end of a run compacts the file to one row per path (atomically). Parquet cannot be appended to: its rows go
   to a JSONL journal beside it (`labels.parquet.journal.jsonl`, the resume state), and every run ends by
   writing the parquet file atomically from the journal.
+- `AppendJournal`: what an --append/--prepend run has written, so that the rerun of a killed run does not add
+  its label a second time to the images it already reached (`label_images` keeps it; see there).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from blip2.data.durable import fsync_dir
 
 COLUMNS = ("path", "task", "prompt", "question", "label", "model", "generation", "status", "error")
 ONE_LINE = ("prompt", "question", "label", "error")  # CSV: whitespace collapsed (paths are kept as they are)
@@ -47,20 +51,6 @@ def atomic_write(target: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames in `folder` durable (a power cut, not just a kill); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temps(folder: Path) -> int:
@@ -134,6 +124,10 @@ class SidecarWriter:
 
     def done(self, image: Path) -> bool:
         return self.sidecar(image).is_file()
+
+    def stored(self, label: str) -> str:
+        """What `existing` reads back after `label` is written: the same text."""
+        return label
 
     def existing(self, image: Path) -> str | None:
         try:
@@ -231,6 +225,10 @@ class ManifestWriter:
         row = self.row(image)
         return row["label"] if row is not None and row["status"] == "ok" else None
 
+    def stored(self, label: str) -> str:
+        """What `existing` reads back after `label` is written (CSV keeps one line per row)."""
+        return " ".join(label.split()) if self.format == ".csv" else label
+
     def _encode(self, rows: Sequence[dict[str, Any]], header: bool) -> bytes:
         if self.format != ".csv":
             return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
@@ -290,3 +288,59 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     writer = ManifestWriter(path)
     writer.log = path
     return list({_key(r["path"]): r for r in writer._read()}.values())
+
+
+# ------------------------------------------------------------------------------- append/prepend journal
+
+
+class AppendJournal:
+    """The labels an --append/--prepend run is writing, so its rerun after a kill adds each label once.
+
+    Skipping images that have a label (what makes `skip` resumable) cannot work here: every image had one
+    before the run. So before a batch's labels are written, one JSON line per image, {"path", "text"} with
+    `text` the image's whole label as it will be stored (old text + separator + new label), is appended and
+    fsynced. A rerun skips an image whose current label is exactly its journaled text (written before the
+    kill) and labels again one whose label is anything else (the kill came between journal and label: the
+    label is still the old one; or someone edited it since). The journal is deleted when a run finishes, so
+    the same command run again later appends again, as asked; its name carries a hash of the run's settings,
+    so a killed run with other settings (another question, model or separator) never marks images done.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.texts: dict[str, str] = {}
+
+    def load(self) -> None:
+        """Read a killed run's journal; a partial last line (killed mid-write) is cut off, as in manifests."""
+        if not self.path.exists():
+            return
+        cut_partial_line(self.path)
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                self.texts[_key(entry["path"])] = entry["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{self.path} line {number} is not a journal entry; delete the file to start "
+                                 "over (images it covers would then get the label again)") from None
+
+    def done(self, image: Path, current: str | None) -> bool:
+        """The run that wrote this journal already stored this image's label."""
+        text = self.texts.get(_key(image))
+        return text is not None and current == text
+
+    def record(self, entries: Sequence[tuple[Path, str]]) -> None:
+        """(image, stored text) for a batch, durable before its labels are written."""
+        if not entries:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            # json's default ASCII escapes keep one entry on one line (a raw U+2028 would split it)
+            f.write("".join(json.dumps({"path": _key(p), "text": t}) + "\n" for p, t in entries))
+            f.flush()
+            os.fsync(f.fileno())
+        for image, text in entries:
+            self.texts[_key(image)] = text
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from blip2.data.durable import fsync_dir, fsync_file
+
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
@@ -190,25 +192,6 @@ def _check_structure(folder: Path) -> str | None:
     return None
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems (and Windows) cannot open directories: the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_manifest(folder: Path, step: int) -> None:
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
@@ -249,14 +232,14 @@ def save_checkpoint(directory: str | os.PathLike, step: int, weights: dict[str, 
             torch.save({**state, "step": step}, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_file(tmp / WEIGHTS)
+        fsync_file(tmp / WEIGHTS)
         if extra is not None:
             extra(tmp)
             for path in tmp.rglob("*"):
                 if path.is_file() and path.name not in (WEIGHTS, STATE):
-                    _fsync_file(path)
+                    fsync_file(path)
         _write_manifest(tmp, step)  # last: it vouches for files already on disk
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # saving the same step again (a resumed run that ends where it started)
             old = directory / f".{final.name}.trash-{os.getpid()}"
             if old.exists():
@@ -266,7 +249,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, weights: dict[str, 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
