@@ -175,8 +175,10 @@ def _conversation(engine: Engine, image, settings: dict, turns: int = 4, after_t
 
 
 @pytest.mark.parametrize("settings", [{"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 2},
-                                      {"num_beams": 3, "max_new_tokens": 6, "min_new_tokens": 2}],
-                         ids=["greedy", "beams"])
+                                      {"num_beams": 3, "max_new_tokens": 6, "min_new_tokens": 2},
+                                      {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 2, "do_sample": True,
+                                       "temperature": 1.0, "seed": 5}],
+                         ids=["greedy", "beams", "seeded-sampling"])
 def test_a_resent_conversation_equals_the_uncached_server_and_prefills_only_new_tokens(blip2_model, settings):
     image = tm.images(1, seed=8)[0]
     plain = Engine(blip2_model, max_wait_s=0.0, prefix_cache_bytes=0)
