@@ -450,12 +450,12 @@ class Engine:
             cache.batch_repeat_interleave(expand)
         _seed(seed)
         ids = lm.generate(soft_row[None], input_ids, mask, cache=cache, **kwargs)
-        if expand == 1:
-            kept = (token_ids + ids[0].tolist())[: cache.get_seq_length() - queries]
-        else:
+        if expand > 1:
             kv_cache.crop(cache, queries + len(token_ids))  # the prompt: identical in every beam's row
             cache.batch_select_indices(torch.zeros(1, dtype=torch.long))  # CPU indices: any layer's device
-            kept = token_ids
+        # What the cache holds: [soft; prompt; answer but its last token] with one row; the prompt with beams. A
+        # compiled decode (fast_decode.py) decodes in a static copy and leaves this one at the prompt but its last.
+        kept = (token_ids + ids[0].tolist())[: cache.get_seq_length() - queries]
         self._keep_prefix(job.image.sha256, soft_row, kept, cache, [])
         return ids
 
