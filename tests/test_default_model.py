@@ -126,6 +126,7 @@ def test_start_from_continues_stage_2_from_a_model_and_skips_stage_1(tmp_path, m
     assert default_model.main(["--work", str(tmp_path / "w"), *small, "--start-from", str(model)]) == 0
     assert [name for name, _ in calls] == ["cache-features", "stage2", "stage1"]
     assert [a for a in calls[1][1] if a.startswith("init_from=")] == [f"init_from={model}"]
+    assert "language=null" in calls[1][1]  # a stage-2 model brings its LLM
     assert [a for a in calls[2][1] if a.startswith("init_from=")] == [f"init_from={tmp_path / 'w' / 'stage2' / 'final'}"]
     with pytest.raises(SystemExit) as exit_:
         default_model.main(["--work", str(tmp_path / "w"), *small, "--start-from", str(tmp_path / "nothing")])

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         init = [f"init_from={work / start / 'final'}"] if start else []
         if name == "stage2" and start_from is not None:
-            init = [f"init_from={start_from}"]
+            init = [f"init_from={start_from}", "language=null"]  # the LLM comes with the model
         if name == "stage2" and args.instructions:  # the switch of configs/instruct_stage2.yaml
             init += ["instructions=true", "prompt=null", "data.max_text_len=48"]
         code = run_recipe(recipe, ["--config", str(CONFIGS / config), *resume, *common, f"data.path={data}", *init,
