@@ -126,6 +126,49 @@ def test_a_truncated_or_foreign_file_is_named(folders, tmp_path):
         load_model(bad)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_threaded_readers_give_the_one_reader_state_dict(folders, kind, monkeypatch):
+    """Several reader threads (each its own buffer, chunks small enough that every tensor takes many reads)
+    give the same keys, in the same file order, with the same dtypes and bits as one reader."""
+    monkeypatch.setattr(loading, "CHUNK_BYTES", 100)
+    folder = folders[(kind, True)]
+    for rule in (None, loading.cast_rule(torch.bfloat16), loading.cast_rule(torch.float16)):
+        one = list(loading.iter_tensors(folder, rule, threads=1))
+        for threads in (2, 4):
+            many = list(loading.iter_tensors(folder, rule, threads=threads))
+            assert [k for k, _ in many] == [k for k, _ in one]
+            for (key, a), (_, b) in zip(many, one):
+                assert a.dtype == b.dtype and a.shape == b.shape, key
+                assert torch.equal(_bits(a), _bits(b)), key
+    assert {t.dtype for _, t in one} >= {torch.float16, torch.float32}  # casts and direct reads both ran
+
+
+def test_threaded_readers_name_a_truncated_shard_and_stop(folders, tmp_path):
+    """A shard cut short fails with the file and tensor named, from the thread that met the end, and a
+    consumer that stops early leaves no reader running."""
+    bad = tmp_path / "bad"
+    shutil.copytree(folders[("opt", True)], bad)
+    index = json.loads((bad / loading.WEIGHTS_INDEX).read_text())["weight_map"]
+    shard = bad / sorted(set(index.values()))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(loading.CheckpointFileError, match=f"{shard.name} is truncated: tensor .* ends past the end"):
+        loading.read_state(bad, loading.cast_rule(torch.bfloat16), threads=3)
+    with pytest.raises(ValueError, match=f"{shard.name} is truncated"):
+        load_model(bad, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="threads=0: loading needs at least one reader thread"):
+        loading.read_state(bad, threads=0)
+    import threading
+
+    reading = loading.iter_tensors(folders[("opt", True)], threads=3)
+    next(reading)
+    reading.close()  # the generator's cleanup waits for the started reads and drops the rest
+    assert not [t for t in threading.enumerate() if t.name.startswith("blip2-read")]
+
+
 # -- the LLM on a device map ---------------------------------------------------------------------------------
 def _tokens(model, beams: int) -> torch.Tensor:
     """Greedy or beam tokens for a batch of two images with left-padded prompts of different lengths."""
