@@ -450,6 +450,26 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The results file: machine, method, table."""
+    m = results["machine"]
+    md = [f"# Memory to load BLIP-2 checkpoints in bfloat16: ours vs transformers {m['transformers']}", "",
+          f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_total_gib']} GiB (shared with other jobs), torch "
+          f"{m['torch']}, {results['settings']['threads']} threads. Random-weight float32 shards with the published "
+          "shapes (10 GB shards, as on the hub), loaded with dtype bfloat16 in a fresh process per library. Peak RSS = "
+          "the child's VmHWM after loading; in brackets its anonymous memory (RssAnon) sampled every 0.1 s "
+          "(transformers memory-maps the shards: mapped pages count as resident but are droppable page cache). "
+          "Load: ours with loading.READ_THREADS reader threads; in brackets ours with N readers, same run; "
+          "where a row was run with --repeat, the fastest of its interleaved loads (all in the JSON: load_runs_s). "
+          "Sizes per dtype are computed from the parameter counts (int8/int4: "
+          "the LLM's Linear weights quantized, the rest 16-bit). First caption: one 400×320 image, "
+          f"{NEW_TOKENS} new tokens, greedy (retrieval: one ITM score). \"stopped\": the watchdog killed the "
+          f"child when MemAvailable fell under {results['settings']['floor_gib']} GiB. Each row comes from one run "
+          "(all libraries in it, minutes apart on a shared machine, whose load changes the times by up to 2x); "
+          "\"measured\" says when.", "", table(results), ""]
+    return "\n".join(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
@@ -475,27 +495,14 @@ def main(argv: list[str] | None = None) -> int:
         args.lib = args.child
         child(args)
         return 0
-    if args.table:
-        print(table(json.loads((RESULTS / f"{args.out}.json").read_text())))
+    if args.table:  # the table again from the JSON, and the .md rewritten from it
+        results = json.loads((RESULTS / f"{args.out}.json").read_text())
+        (RESULTS / f"{args.out}.md").write_text(markdown(results))
+        print(table(results))
         return 0
     results = run(args)
-    m = results["machine"]
-    md = [f"# Memory to load BLIP-2 checkpoints in bfloat16: ours vs transformers {m['transformers']}", "",
-          f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_total_gib']} GiB (shared with other jobs), torch "
-          f"{m['torch']}, {results['settings']['threads']} threads. Random-weight float32 shards with the published "
-          "shapes (10 GB shards, as on the hub), loaded with dtype bfloat16 in a fresh process per library. Peak RSS = "
-          "the child's VmHWM after loading; in brackets its anonymous memory (RssAnon) sampled every 0.1 s "
-          "(transformers memory-maps the shards: mapped pages count as resident but are droppable page cache). "
-          "Load: ours with loading.READ_THREADS reader threads; in brackets ours with N readers, same run; "
-          "where a row was run with --repeat, the fastest of its interleaved loads (all in the JSON: load_runs_s). "
-          "Sizes per dtype are computed from the parameter counts (int8/int4: "
-          "the LLM's Linear weights quantized, the rest 16-bit). First caption: one 400×320 image, "
-          f"{NEW_TOKENS} new tokens, greedy (retrieval: one ITM score). \"stopped\": the watchdog killed the "
-          f"child when MemAvailable fell under {results['settings']['floor_gib']} GiB. Each row comes from one run "
-          "(all libraries in it, minutes apart on a shared machine, whose load changes the times by up to 2x); "
-          "\"measured\" says when.", "", table(results), ""]
-    (RESULTS / f"{args.out}.md").write_text("\n".join(md))
-    print("\n".join(md))
+    (RESULTS / f"{args.out}.md").write_text(markdown(results))
+    print(markdown(results))
     return 0
 
 
