@@ -84,6 +84,42 @@ def test_labels_equal_the_single_machine_run_and_resume(cluster, caption_model, 
     assert _by_path(read_manifest(tmp_path / "ray.parquet")) == want
 
 
+class _Killed(BaseException):
+    """Stands in for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def test_a_killed_append_run_reruns_without_doubling_labels(cluster, caption_model, images, tmp_path, monkeypatch,
+                                                            one_thread):
+    from blip2.collections import read_manifest, writers
+    from blip2.collections.ray_jobs import label_with_ray
+
+    out = tmp_path / "ray.jsonl"
+    kw = {"out": out, "generation": GEN, "batch_size": 4, "load_kwargs": {"device": "cpu"}, "model_name": "tiny",
+          "progress": False, **ACTORS}
+    label_with_ray(str(caption_model), images, **kw)
+    first = {r["path"]: r["label"] for r in read_manifest(out) if r["status"] == "ok"}
+    real_write, calls = writers.ManifestWriter.write, {"n": 0}
+
+    def write(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first batch of appended labels is stored, the run dies before the second
+            raise _Killed
+        return real_write(self, rows)
+
+    run = {**kw, "mode": "append", "separator": ", "}
+    with monkeypatch.context() as m:
+        m.setattr(writers.ManifestWriter, "write", write)
+        with pytest.raises(_Killed):
+            label_with_ray(str(caption_model), images, **run)
+    assert len(list(tmp_path.glob(".blip2-label-append-*.journal.jsonl"))) == 1
+    report = label_with_ray(str(caption_model), images, **run)
+    assert report.skipped > 0  # the killed run's first batch
+    # The same model and settings caption each image as before: every label holds it exactly twice.
+    assert {r["path"]: r["label"] for r in read_manifest(out) if r["status"] == "ok"} == {
+        p: f"{label}, {label}" for p, label in first.items()}
+    assert not list(tmp_path.glob(".blip2-label-*"))  # a finished run leaves no journal
+
+
 def test_index_searches_as_the_single_machine_build(cluster, images, tmp_path_factory, tmp_path, one_thread):
     import blip2
     from blip2.collections.index import PhotoIndex, update_index

@@ -132,7 +132,7 @@ def label_images(
     paths = [Path(p) for p in paths]
     report = LabelReport(total=len(paths), output=writer.describe())
     writer.prepare(paths)
-    journal = _journal(writer, paths, mode, llm_prompt, separator, prefix, suffix, base)
+    journal = append_journal(writer, paths, mode, [llm_prompt, separator, prefix, suffix, base])
     todo, seen = [], {}
     for path in paths:
         if isinstance(writer, SidecarWriter):
@@ -191,10 +191,11 @@ def label_images(
     return report
 
 
-def _journal(writer: SidecarWriter | ManifestWriter, paths: Sequence[Path], mode: str, llm_prompt: str,
-             separator: str, prefix: str, suffix: str, base: dict[str, Any]) -> AppendJournal | None:
+def append_journal(writer: SidecarWriter | ManifestWriter, paths: Sequence[Path], mode: str,
+                   settings: list[Any]) -> AppendJournal | None:
     """The append/prepend journal of this run: beside the manifest, or in the images' common folder for
-    sidecars; named by a hash of everything that decides the labels, so only the same command resumes."""
+    sidecars; named by a hash of `settings` (everything that decides the labels) with the mode and the
+    target, so only the same command resumes."""
     if mode not in ("append", "prepend") or not paths:
         return None
     if isinstance(writer, ManifestWriter):
@@ -202,8 +203,8 @@ def _journal(writer: SidecarWriter | ManifestWriter, paths: Sequence[Path], mode
     else:
         folder = Path(os.path.commonpath([os.path.abspath(p.parent) for p in paths]))
         target = writer.ext
-    settings = [mode, target, llm_prompt, separator, prefix, suffix, base]
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    key = [mode, target, *settings]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     journal = AppendJournal(folder / f".blip2-label-{mode}-{digest}.journal.jsonl")
     journal.load()
     return journal

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from blip2.collections.label import MODES, LabelReport, _combine, _fail
+from blip2.collections.label import MODES, LabelReport, _combine, _fail, append_journal
 
 RAY_MISSING = "--engine ray needs Ray: pip install 'blip2[ray]'"
 
@@ -177,7 +177,11 @@ def label_with_ray(
     paths = [Path(p) for p in paths]
     report = LabelReport(total=len(paths), output=writer.describe())
     writer.prepare(paths)
-    todo = [p for p in paths if not (mode == "skip" and writer.done(p, retry_failed))]
+    # append/prepend: what a killed run of this command already stored is not added twice (label_images' journal)
+    journal = append_journal(writer, paths, mode, [question, prompt, template, generation, model, model_name,
+                                                   separator, prefix, suffix])
+    todo = [p for p in paths if not ((mode == "skip" and writer.done(p, retry_failed))
+                                     or (journal is not None and journal.done(p, writer.existing(p))))]
     report.skipped = len(paths) - len(todo)
     if todo:
         with ray_session(ray_address) as ray:
@@ -192,6 +196,8 @@ def label_with_ray(
                     if row["status"] == "ok":
                         new = f"{prefix}{row['label']}{suffix}"
                         row["label"] = _combine(mode, writer.existing(Path(row["path"])), new, separator)
+                if journal is not None:  # before the rows: a kill in between leaves the old labels, labeled again
+                    journal.record([(Path(r["path"]), writer.stored(r["label"])) for r in rows if r["status"] == "ok"])
                 writer.write(rows)  # whole lines, fsynced: a kill loses only batches in flight
                 for row in rows:
                     if row["status"] == "ok":
@@ -201,6 +207,8 @@ def label_with_ray(
                 bar.update(len(rows))
             bar.close()
     writer.finish()
+    if journal is not None:
+        journal.remove()
     report.seconds = time.perf_counter() - start
     return report
 
