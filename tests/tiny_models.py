@@ -180,3 +180,15 @@ def our_config(language: str | None = None, num_queries: int = 4, cross_freq: in
         stage1_heads=language is None,
         itg_head=language is None,
     )
+
+
+def record_passes(model):
+    """A forward pre-hook recording (rows, positions) of every pass of `model`; returns (list, handle)."""
+    passes: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        x = kwargs.get("input_ids") if x is None else x
+        passes.append(tuple(x.shape[:2]))
+
+    return passes, model.register_forward_pre_hook(record, with_kwargs=True)

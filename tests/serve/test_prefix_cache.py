@@ -81,18 +81,6 @@ def lm(request):
     return model
 
 
-def _passes(model):
-    """A forward pre-hook recording (rows, positions) of every pass; returns (list, handle)."""
-    passes: list[tuple[int, int]] = []
-
-    def record(module, args, kwargs):
-        x = kwargs.get("inputs_embeds")
-        x = kwargs.get("input_ids") if x is None else x
-        passes.append(tuple(x.shape[:2]))
-
-    return passes, model.register_forward_pre_hook(record, with_kwargs=True)
-
-
 def _run(decoder: ContinuousDecoder) -> dict:
     tokens: dict = {}
     for _ in range(40):
@@ -119,7 +107,7 @@ def test_a_row_continues_from_a_kept_cache_as_generate_alone(lm):
     other = 0.5 * torch.randn(6, WIDTH, generator=gen)
     decoder.add("b", second, {"max_new_tokens": 7}, past=cache)
     decoder.add("c", other, {"max_new_tokens": 3})
-    passes, handle = _passes(lm)
+    passes, handle = tm.record_passes(lm)
     try:
         tokens = _run(decoder)
     finally:
@@ -185,7 +173,7 @@ def test_a_resent_conversation_equals_the_uncached_server_and_prefills_only_new_
     assert plain.prefix is None
     expected = _conversation(plain, image, settings)
     engine = Engine(blip2_model, max_wait_s=0.0)
-    passes, handle = _passes(blip2_model.model.language_model)
+    passes, handle = tm.record_passes(blip2_model.model.language_model)
     turns: list[tuple[int, int]] = []  # after each turn: (passes so far, positions reused so far)
     try:
         answers = _conversation(engine, image, settings,

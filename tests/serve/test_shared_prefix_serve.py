@@ -27,18 +27,6 @@ def lm(request):
     return model
 
 
-def _first_passes(model):
-    """A forward pre-hook recording (rows, positions) of every pass; returns (list, handle)."""
-    passes: list[tuple[int, int]] = []
-
-    def record(module, args, kwargs):
-        x = kwargs.get("inputs_embeds")
-        x = kwargs.get("input_ids") if x is None else x
-        passes.append(tuple(x.shape[:2]))
-
-    return passes, model.register_forward_pre_hook(record, with_kwargs=True)
-
-
 def test_rows_sharing_a_prefix_prefill_it_once_and_decode_as_alone(lm):
     gen = torch.Generator().manual_seed(3)
     prefixes = [0.5 * torch.randn(QUERIES, WIDTH, generator=gen) for _ in range(2)]
@@ -51,7 +39,7 @@ def test_rows_sharing_a_prefix_prefill_it_once_and_decode_as_alone(lm):
         embeds = torch.cat([prefixes[owner], text])
         requests[i] = (embeds, s)
         decoder.add(i, embeds, s, prefix=f"image{owner}", prefix_len=QUERIES)
-    passes, handle = _first_passes(lm)
+    passes, handle = tm.record_passes(lm)
     tokens: dict[int, list[int]] = {i: [] for i in requests}
     try:
         for _ in range(12):
@@ -90,7 +78,7 @@ def test_questions_about_one_image_share_its_soft_prompt(blip2_model, settings):
     questions = ["what color is this ?", "what ?", "is it a big red circle on the square ?", "two ?"]
     image = tm.images(1, seed=3)[0]
     engine = Engine(blip2_model, max_batch_size=8, max_wait_s=0.3)
-    passes, handle = _first_passes(blip2_model.model.language_model)
+    passes, handle = tm.record_passes(blip2_model.model.language_model)
     engine.start()
     try:
         async def main():
