@@ -17,6 +17,8 @@ from transformers import (
     Blip2ForImageTextRetrieval,
     Blip2QFormerConfig,
     Blip2VisionConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
     LlamaConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
@@ -128,11 +130,35 @@ def save_generation_model(folder: Path, kind: str = "opt", num_queries: int = 4,
     _randomize(model, seed)
     model.save_pretrained(folder)
     word_tokenizer(kind).save_pretrained(folder)
+    _write_image_processor(folder)
+    return model
+
+
+def _write_image_processor(folder: Path) -> None:
+    """BLIP-2's image processor settings (CLIP mean/std, bicubic) at the tiny image size."""
     (folder / "preprocessor_config.json").write_text(
         '{"image_processor_type": "BlipImageProcessor", "size": {"height": %d, "width": %d}, "resample": 3,'
         ' "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}'
         % (IMAGE_SIZE, IMAGE_SIZE)
     )
+
+
+def save_instructblip_model(folder: Path, kind: str = "opt", num_queries: int = 4, cross_freq: int = 2,
+                            qformer_layers: int = 2, seed: int = 0) -> InstructBlipForConditionalGeneration:
+    """A tiny random transformers InstructBLIP checkpoint, laid out as the Salesforce/instructblip-* folders:
+    config.json + safetensors, the LLM tokenizer, `qformer_tokenizer/` (BERT) and the image processor."""
+    qformer = qformer_config(qformer_layers, cross_freq).to_dict()
+    qformer.pop("use_qformer_text_input")  # InstructBLIP's Q-Former always has its text side
+    cfg = InstructBlipConfig(
+        vision_config=vision_config().to_dict(), qformer_config=qformer, text_config=text_config(kind).to_dict(),
+        num_query_tokens=num_queries, image_token_index=image_token_index(kind),
+    )
+    model = InstructBlipForConditionalGeneration(cfg).eval()
+    _randomize(model, seed)
+    model.save_pretrained(folder)
+    word_tokenizer(kind).save_pretrained(folder)
+    word_tokenizer("bert").save_pretrained(folder / "qformer_tokenizer")
+    _write_image_processor(folder)
     return model
 
 

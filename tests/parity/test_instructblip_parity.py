@@ -31,32 +31,11 @@ CASES = [  # (LLM, queries, cross-attention frequency, Q-Former layers)
 INSTRUCTIONS = ["what color is the circle on this picture ?", "what shape is it ?", "a photo of"]
 
 
-def save_instructblip(folder, kind: str, num_queries: int, cross_freq: int, layers: int, seed: int = 0):
-    """A tiny random transformers InstructBLIP checkpoint, laid out as the Salesforce/instructblip-* folders:
-    config.json + safetensors, the LLM tokenizer, `qformer_tokenizer/` (BERT) and the image processor."""
-    qformer = tm.qformer_config(layers, cross_freq).to_dict()
-    qformer.pop("use_qformer_text_input")  # InstructBLIP's Q-Former always has its text side
-    cfg = InstructBlipConfig(
-        vision_config=tm.vision_config().to_dict(), qformer_config=qformer, text_config=tm.text_config(kind).to_dict(),
-        num_query_tokens=num_queries, image_token_index=tm.image_token_index(kind),
-    )
-    model = InstructBlipForConditionalGeneration(cfg).eval()
-    tm._randomize(model, seed)
-    model.save_pretrained(folder)
-    tm.word_tokenizer(kind).save_pretrained(folder)
-    tm.word_tokenizer("bert").save_pretrained(folder / "qformer_tokenizer")
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BlipImageProcessor", "size": {"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE},
-        "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711]}))
-    return model
-
-
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-q{c[1]}-x{c[2]}")
 def pair(request, tmp_path_factory):
     kind, queries, cross, layers = request.param
     folder = tmp_path_factory.mktemp(f"instructblip-{kind}{queries}{cross}")
-    hf = save_instructblip(folder, kind, queries, cross, layers)
+    hf = tm.save_instructblip_model(folder, kind, queries, cross, layers)
     return kind, hf, blip2.load(folder), folder
 
 

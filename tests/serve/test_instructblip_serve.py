@@ -4,13 +4,10 @@ is, the LLM)."""
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 import tiny_models as tm
 from live import Server, data_url
-from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
 import blip2
 
@@ -24,18 +21,7 @@ IMAGES = tm.images(2, seed=7)
 def model_dir(tmp_path_factory):
     """A random InstructBLIP (OPT LLM) saved by transformers, with both tokenizers, as hub folders are."""
     folder = tmp_path_factory.mktemp("instructblip-serve")
-    qformer = tm.qformer_config(2, 1).to_dict()
-    qformer.pop("use_qformer_text_input")
-    cfg = InstructBlipConfig(vision_config=tm.vision_config().to_dict(), qformer_config=qformer,
-                             text_config=tm.text_config("opt").to_dict(), num_query_tokens=4,
-                             image_token_index=tm.image_token_index("opt"))
-    model = InstructBlipForConditionalGeneration(cfg).eval()
-    tm._randomize(model, seed=3)
-    model.save_pretrained(folder)
-    tm.word_tokenizer("opt").save_pretrained(folder)
-    tm.word_tokenizer("bert").save_pretrained(folder / "qformer_tokenizer")
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "BlipImageProcessor", "size": {"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE}}))
+    tm.save_instructblip_model(folder, "opt", num_queries=4, cross_freq=1, seed=3)
     return folder
 
 

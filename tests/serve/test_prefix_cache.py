@@ -226,23 +226,9 @@ def test_a_tiny_budget_evicts_and_zero_turns_it_off(blip2_model):
 
 def _instructblip(folder):
     """A random InstructBLIP (OPT LLM) as a hub folder: its soft prompt reads the question."""
-    import json
-
     import blip2
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    qformer = tm.qformer_config(2, 1).to_dict()
-    qformer.pop("use_qformer_text_input")
-    cfg = InstructBlipConfig(vision_config=tm.vision_config().to_dict(), qformer_config=qformer,
-                             text_config=tm.text_config("opt").to_dict(), num_query_tokens=QUERIES,
-                             image_token_index=tm.image_token_index("opt"))
-    model = InstructBlipForConditionalGeneration(cfg).eval()
-    tm._randomize(model, seed=3)
-    model.save_pretrained(folder)
-    tm.word_tokenizer("opt").save_pretrained(folder)
-    tm.word_tokenizer("bert").save_pretrained(folder / "qformer_tokenizer")
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "BlipImageProcessor", "size": {"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE}}))
+    tm.save_instructblip_model(folder, "opt", num_queries=QUERIES, cross_freq=1, seed=3)
     return blip2.load(str(folder), device="cpu")
 
 
