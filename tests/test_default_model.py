@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,29 @@ def test_write_data_adds_augmented_views_and_rendered_images(tmp_path):
     again = default_model.write_data(tmp_path, views=2, rendered=24, limit=8)
     assert again["stage2"].read_text() == files["stage2"].read_text()
     assert (files["images"] / "rendered" / "00000.png").stat().st_mtime_ns == before
+
+
+def test_repeat_writes_a_colours_stage_2_records_n_times(tmp_path):
+    """--repeat brown=3: every stage-2 record of a brown image three times, the rest once, the same images and
+    captions; a bad value is one usage line."""
+    from blip2.recipes import default_model
+
+    plain = default_model.write_data(tmp_path / "a", views=1, rendered=16, limit=4)
+    once = [json.loads(line) for line in plain["stage2"].read_text().splitlines()]
+    captions = plain["captions"].read_text()
+    files = default_model.write_data(tmp_path / "b", views=1, rendered=16, limit=4, repeat={"brown": 3})
+    repeated = [json.loads(line) for line in files["stage2"].read_text().splitlines()]
+    assert files["captions"].read_text() == captions
+    colour = {json.loads(line)["image"]: json.loads(line)["text"].split()[1] for line in captions.splitlines()}
+    brown = [r for r in once if colour[r["image"]] == "brown"]
+    assert brown and len(repeated) == len(once) + 2 * len(brown)
+    assert [r for r in repeated if colour[r["image"]] != "brown"] == [r for r in once if colour[r["image"]] != "brown"]
+    counts = Counter(json.dumps(r, sort_keys=True) for r in repeated if colour[r["image"]] == "brown")
+    assert counts == Counter({k: 3 * n for k, n in Counter(json.dumps(r, sort_keys=True) for r in brown).items()})
+    for bad in ("brown", "purple=2", "brown=0", "brown=x"):
+        with pytest.raises(SystemExit) as exit_:
+            default_model.main(["--work", str(tmp_path / "c"), "--repeat", bad])
+        assert exit_.value.code == 2
 
 
 def test_a_stale_feature_cache_is_rebuilt(tmp_path):

@@ -2,6 +2,7 @@
 
     python -m blip2.recipes.default_model [--work runs/default] [--device cuda] [--resume] [--stage2 steps=N ...]
         [--views 2] [--rendered 4000] [--limit-images N] [--instructions] [--start-from default|DIR]
+        [--repeat COLOUR=N ...]
 
 1. data:   the easy-VQA *train* split only (never test), each image with 2 augmented views (new size,
            stretch, small rotation, position, pale background, hard edges half the time; the shape's colour
@@ -25,7 +26,8 @@
 `--start-from default` (or a stage-2 model folder) skips stage 1 and continues stage 2 from that model's
 weights instead (stage 2's `init_from`), then re-fits and exports as usual: a fine-tune of the shipped bridge
 on the new data, for machines where the whole run would take too long (a CPU). Give it fewer, gentler steps
-(`--stage2 steps=400 lr=5e-5 ...`).
+(`--stage2 steps=400 lr=5e-5 ...`). `--repeat brown=3` writes the stage-2 records of every brown image three
+times, so a fine-tune aimed at the colours a model still confuses sees them more often.
 
 Every stage resumes from its checkpoints (`--resume`), so a run cut off at any point continues.
 """
@@ -118,11 +120,13 @@ def _write_images(root: Path, labels: dict[int, tuple[str, str]], paths: dict[in
     return records
 
 
-def write_data(work: Path, views: int = VIEWS, rendered: int = RENDERED, limit: int | None = None
-               ) -> dict[str, Path]:
+def write_data(work: Path, views: int = VIEWS, rendered: int = RENDERED, limit: int | None = None,
+               repeat: dict[str, int] | None = None) -> dict[str, Path]:
     """Train-split annotation files over work/images/: captions.jsonl (stage 1) and stage2.jsonl (questions,
     captions, chat), for the easy-VQA train images (the first `limit`, for a smoke test), `views` augmented
-    views of each and `rendered` images of our own."""
+    views of each and `rendered` images of our own. `repeat` maps a colour to how many times the stage-2
+    records of its images are written (1 for the others); the images and captions.jsonl stay as they are."""
+    repeat = repeat or {}
     work.mkdir(parents=True, exist_ok=True)
     labels = easy_vqa.image_labels("train")
     if limit is not None:
@@ -152,13 +156,12 @@ def write_data(work: Path, views: int = VIEWS, rendered: int = RENDERED, limit: 
     rng = random.Random(0)
     with stage2.open("w") as f:
         for name, colour, shape, qas in images:
-            for question, answer in qas:
-                f.write(json.dumps({"image": name, "question": question, "answers": [answer]}) + "\n")
             # An empty question = a caption record.
-            caption = easy_vqa.caption_text(colour, shape)
-            f.write(json.dumps({"image": name, "question": "", "answers": [caption]}) + "\n")
-            for record in chat_records(name, colour, shape, rng):
-                f.write(json.dumps(record) + "\n")
+            records = [{"image": name, "question": question, "answers": [answer]} for question, answer in qas]
+            records.append({"image": name, "question": "", "answers": [easy_vqa.caption_text(colour, shape)]})
+            records += chat_records(name, colour, shape, rng)
+            for _ in range(repeat.get(colour, 1)):
+                f.writelines(json.dumps(record) + "\n" for record in records)
     return {"captions": captions, "stage2": stage2, "images": root}
 
 
@@ -190,6 +193,15 @@ def export(stage2_final: Path, target: Path = PACKAGE_DEFAULT) -> Path:
     return target
 
 
+def _colour_repeat(text: str) -> tuple[str, int]:
+    """`brown=3` -> ("brown", 3), for --repeat; argparse turns the ValueError into a one-line usage error."""
+    colour, _, count = text.partition("=")
+    if colour not in easy_vqa.COLOURS or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected COLOUR=N with N >= 1 and COLOUR one of "
+                                         f"{', '.join(easy_vqa.COLOURS)}")
+    return colour, int(count)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blip2.recipes.default_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="runs/default", help="working folder (data, cache, runs)")
@@ -206,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the first N easy-VQA train images (a quick trial of the pipeline)")
     parser.add_argument("--start-from", metavar="default|DIR", default=None,
                         help="skip stage 1 and continue stage 2 from this stage-2 model (the shipped one: default)")
+    parser.add_argument("--repeat", nargs="*", default=[], metavar="COLOUR=N", type=_colour_repeat,
+                        help="write the stage-2 records of this colour's images N times (e.g. brown=3)")
     parser.add_argument("--instructions", action="store_true",
                         help="stage 2 as instruction tuning: several templates per task, drawn per sample")
     for stage in ("stage1", "stage2", "refit"):
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     resume = ["--resume"] if args.resume else []
-    files = write_data(work, args.views, args.rendered, args.limit_images)
+    files = write_data(work, args.views, args.rendered, args.limit_images, dict(args.repeat))
     cache = work / "features-train"
     if args.only in (None, "cache") and not _cache_covers(cache, files["captions"]):
         code = run_recipe("cache-features", ["--model", "preset:default", "--data", str(files["captions"]),
