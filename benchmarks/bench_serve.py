@@ -149,9 +149,10 @@ class Server:
         except (OSError, ValueError, IndexError):
             return None
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, want: tuple[str, ...] = ("blip2_batch_size", "blip2_image_cache_misses_total")
+                ) -> dict[str, float]:
+        """The /metrics samples whose names start with one of `want`."""
         text = httpx.get(self.url + "/metrics", trust_env=False).text
-        want = ("blip2_batch_size", "blip2_image_cache_misses_total")
         return {k: float(v) for k, v in (ln.split() for ln in text.splitlines() if ln.startswith(want))}
 
     def stop(self) -> None:
@@ -268,11 +269,6 @@ CHAT_QUESTIONS = {  # 10 turns per conversation: each model's 8 questions, then 
 }
 
 
-def prefix_metrics(server: Server) -> dict[str, float]:
-    text = httpx.get(server.url + "/metrics", trust_env=False).text
-    return {k: float(v) for k, v in (ln.split() for ln in text.splitlines() if ln.startswith("blip2_prefix_cache_"))}
-
-
 def conversations(servers: dict[str, Server], model: str, image, max_tokens: int) -> dict[str, list[Sample]]:
     """One client's 10-turn chat about one image on each server, the whole conversation resent each turn
     (streamed). The servers take turns, turn by turn, so a load change on the machine hits both alike."""
@@ -305,9 +301,9 @@ def prefix_chat(model: str, path: str, args: argparse.Namespace) -> dict:
             servers[name] = Server(path, extra, args.threads)
             print(f"  {name} ({' '.join(flags)}): server up in {servers[name].start_s:.1f}s", flush=True)
         conversations(servers, model, images[-1], args.max_tokens)  # warm-up, on an image of its own
-        before = {name: prefix_metrics(server) for name, server in servers.items()}
+        before = {name: server.metrics(("blip2_prefix_cache_",)) for name, server in servers.items()}
         chats = [conversations(servers, model, im, args.max_tokens) for im in images[:-1]]
-        after = {name: prefix_metrics(server) for name, server in servers.items()}
+        after = {name: server.metrics(("blip2_prefix_cache_",)) for name, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
