@@ -194,7 +194,7 @@ def export(stage2_final: Path, target: Path = PACKAGE_DEFAULT) -> Path:
 
 
 def _colour_repeat(text: str) -> tuple[str, int]:
-    """`brown=3` -> ("brown", 3), for --repeat; argparse turns the ValueError into a one-line usage error."""
+    """`brown=3` -> ("brown", 3), for --repeat; argparse turns the ArgumentTypeError into a one-line usage error."""
     colour, _, count = text.partition("=")
     if colour not in easy_vqa.COLOURS or not count.isdigit() or int(count) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected COLOUR=N with N >= 1 and COLOUR one of "
