@@ -142,8 +142,7 @@ def label_images(
                 name = writer.sidecar(path).name
                 _fail(report, path, f"its sidecar {name} is {other.name}'s; use --out for these")
                 continue
-        done = writer.done(path) if isinstance(writer, SidecarWriter) else writer.done(path, retry_failed)
-        if (mode == "skip" and done) or (journal is not None and journal.done(path, writer.existing(path))):
+        if already_done(writer, path, mode, journal, retry_failed):
             report.skipped += 1
         else:
             todo.append(path)
@@ -159,9 +158,7 @@ def label_images(
                 continue
             text = _combine(mode, writer.existing(d.path), f"{prefix}{next(labels)}{suffix}", separator)
             rows.append({"path": str(d.path), **base, "label": text, "status": "ok", "error": None})
-        if journal is not None:  # before the labels: a kill in between leaves the old labels, labeled again
-            journal.record([(Path(r["path"]), writer.stored(r["label"])) for r in rows if r["status"] == "ok"])
-        failed = {id(row): error for row, error in writer.write(rows)}
+        failed = {id(row): error for row, error in store_labels(writer, journal, rows)}
         for row in rows:
             if row["status"] == "error":
                 _fail(report, Path(row["path"]), row["error"])
@@ -189,6 +186,23 @@ def label_images(
         journal.remove()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def already_done(writer: SidecarWriter | ManifestWriter, path: Path, mode: str, journal: AppendJournal | None,
+                 retry_failed: bool) -> bool:
+    """Whether this run leaves `path` alone: labeled before (mode "skip"), or its label already stored by a
+    killed run of the same append/prepend command (the journal)."""
+    done = writer.done(path) if isinstance(writer, SidecarWriter) else writer.done(path, retry_failed)
+    return (mode == "skip" and done) or (journal is not None and journal.done(path, writer.existing(path)))
+
+
+def store_labels(writer: SidecarWriter | ManifestWriter, journal: AppendJournal | None,
+                 rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """Write `rows`, the journal first: a kill in between leaves the old labels, which a rerun labels again.
+    Returns the writer's (row, error) failures."""
+    if journal is not None:
+        journal.record([(Path(r["path"]), writer.stored(r["label"])) for r in rows if r["status"] == "ok"])
+    return writer.write(rows)
 
 
 def append_journal(writer: SidecarWriter | ManifestWriter, paths: Sequence[Path], mode: str,

@@ -28,7 +28,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from blip2.collections.label import MODES, LabelReport, _combine, _fail, append_journal
+from blip2.collections.label import (
+    MODES,
+    LabelReport,
+    _combine,
+    _fail,
+    already_done,
+    append_journal,
+    store_labels,
+)
 
 RAY_MISSING = "--engine ray needs Ray: pip install 'blip2[ray]'"
 
@@ -180,8 +188,7 @@ def label_with_ray(
     # append/prepend: what a killed run of this command already stored is not added twice (label_images' journal)
     journal = append_journal(writer, paths, mode, [question, prompt, template, generation, model, model_name,
                                                    separator, prefix, suffix])
-    todo = [p for p in paths if not ((mode == "skip" and writer.done(p, retry_failed))
-                                     or (journal is not None and journal.done(p, writer.existing(p))))]
+    todo = [p for p in paths if not already_done(writer, p, mode, journal, retry_failed)]
     report.skipped = len(paths) - len(todo)
     if todo:
         with ray_session(ray_address) as ray:
@@ -196,9 +203,7 @@ def label_with_ray(
                     if row["status"] == "ok":
                         new = f"{prefix}{row['label']}{suffix}"
                         row["label"] = _combine(mode, writer.existing(Path(row["path"])), new, separator)
-                if journal is not None:  # before the rows: a kill in between leaves the old labels, labeled again
-                    journal.record([(Path(r["path"]), writer.stored(r["label"])) for r in rows if r["status"] == "ok"])
-                writer.write(rows)  # whole lines, fsynced: a kill loses only batches in flight
+                store_labels(writer, journal, rows)  # whole lines, fsynced: a kill loses only batches in flight
                 for row in rows:
                     if row["status"] == "ok":
                         report.labeled += 1
